@@ -1,1 +1,18 @@
-"""ratiorl.rewards"""
+"""ratiorl.rewards: verifiable reward functions and the RewardScorer.
+
+>>> fn = get_reward("exact_match")
+>>> fn(["46", "45"], prompts=["12+34="] * 2, answers=["46", "46"])
+[1.0, 0.0]
+>>> scorer = RewardScorer([("exact_match", 1.0), ("format", 0.1)], noise_sigma=0.0, seed=0)
+>>> rewards, metrics = scorer(["46"], prompts=["12+34="], answers=["46"])
+"""
+
+from .base import Score, available_rewards, get_reward, register_reward
+from . import basic as _basic  # noqa: F401  (registers the built-in rewards)
+from .basic import parse_final_number
+from .scorer import RewardScorer, call_reward_safely, parse_reward_spec, weighted_sum
+
+__all__ = [
+    "Score", "get_reward", "register_reward", "available_rewards", "parse_final_number",
+    "RewardScorer", "call_reward_safely", "parse_reward_spec", "weighted_sum",
+]

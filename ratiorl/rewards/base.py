@@ -1,0 +1,84 @@
+"""Reward-function registry.
+
+A reward function has the TRL signature::
+
+    fn(completions: list[str], *, prompts: list[str], answers: list[str], **fields) -> list[float]
+
+Extra dataset columns arrive in ``fields`` as lists aligned with ``completions``. A function
+may return a :class:`Score` (a ``float`` with ``timed_out`` / ``error`` flags) instead of a
+plain float so that :class:`~ratiorl.rewards.RewardScorer` can count timeouts.
+
+A new reward is one factory registered with :func:`register_reward`; ``get_reward(name, **kw)``
+calls the factory with ``kw`` and returns the reward function.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+RewardFn = Callable[..., list]
+
+
+class Score(float):
+    """A float reward that remembers whether it came from a timeout or an error."""
+
+    timed_out: bool
+    error: str | None
+
+    def __new__(cls, value: float, *, timed_out: bool = False, error: str | None = None):
+        obj = super().__new__(cls, value)
+        obj.timed_out = timed_out
+        obj.error = error
+        return obj
+
+    def __repr__(self) -> str:
+        flags = " timed_out" if self.timed_out else f" error={self.error!r}" if self.error else ""
+        return f"Score({float(self)}{flags})"
+
+
+_REWARDS: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str):
+    """Decorator for a factory ``factory(**options) -> reward_fn``."""
+
+    def deco(factory):
+        if name in _REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REWARDS[name] = factory
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REWARDS)
+
+
+def get_reward(name: str, **kw) -> RewardFn:
+    """Return the reward function ``name`` configured with ``kw``.
+
+    Unknown names raise ``ValueError`` listing the valid ones; unknown options raise
+    ``TypeError`` listing the valid options.
+    """
+    if name not in _REWARDS:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(available_rewards())}")
+    factory = _REWARDS[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kw) - set(params))
+        if unknown:
+            raise TypeError(f"reward {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(params) or 'none'}")
+    fn = factory(**kw)
+    if not getattr(fn, "__name__", None) or fn.__name__ == "<lambda>":
+        fn.__name__ = name
+    return fn
+
+
+def check_answers(completions, answers, name: str) -> None:
+    if answers is None:
+        raise ValueError(f"reward {name!r} needs answers=[...] aligned with completions")
+    if len(answers) != len(completions):
+        raise ValueError(f"reward {name!r}: {len(completions)} completions but {len(answers)} answers")

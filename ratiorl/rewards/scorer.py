@@ -1,0 +1,191 @@
+"""RewardScorer: weighted sum of reward functions, failure isolation, optional noise."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import concurrent.futures
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .base import get_reward
+
+_TIMEOUT_ERRORS = (TimeoutError, subprocess.TimeoutExpired, concurrent.futures.TimeoutError)
+
+
+def _resolve(item) -> tuple[str, Callable, float]:
+    """Accepts fn, "name", (fn_or_name, weight) or (name, weight, {options})."""
+    options: dict[str, Any] = {}
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2:
+            target, weight = item
+        elif len(item) == 3:
+            target, weight, options = item
+        else:
+            raise ValueError(f"reward spec entry must be (fn_or_name, weight[, options]), got {item!r}")
+    else:
+        target, weight = item, 1.0
+    if isinstance(target, str):
+        fn = get_reward(target, **dict(options or {}))
+        name = target
+    elif callable(target):
+        if options:
+            raise ValueError("options can only be given with a reward name, not a function")
+        fn = target
+        name = getattr(target, "__name__", None) or type(target).__name__
+    else:
+        raise TypeError(f"reward must be a callable or a registered name, got {target!r}")
+    weight = float(weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"reward weight for {name!r} must be finite, got {weight}")
+    return name, fn, weight
+
+
+def parse_reward_spec(spec) -> list[tuple[str, Callable, float]]:
+    """Normalise a reward spec into ``[(name, fn, weight), ...]`` with unique names."""
+    if isinstance(spec, str) or callable(spec):
+        spec = [spec]
+    elif isinstance(spec, dict):
+        spec = list(spec.items())
+    entries = [_resolve(item) for item in spec]
+    if not entries:
+        raise ValueError("reward spec is empty; give at least one reward function")
+    seen: dict[str, int] = {}
+    out = []
+    for name, fn, weight in entries:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        out.append((name if k == 0 else f"{name}_{k}", fn, weight))
+    return out
+
+
+def _slice_fields(fields: dict, i: int, batch: int) -> dict:
+    return {k: ([v[i]] if isinstance(v, (list, tuple)) and len(v) == batch else v)
+            for k, v in fields.items()}
+
+
+def _clean(value) -> tuple[float, str | None]:
+    """(score, problem) where problem is None, 'error' or 'timeout'."""
+    if value is None:  # TRL convention: reward not applicable to this sample
+        return 0.0, None
+    if getattr(value, "timed_out", False):
+        return 0.0, "timeout"
+    if getattr(value, "error", None):
+        return 0.0, "error"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return 0.0, "error"
+    return (x, None) if math.isfinite(x) else (0.0, "error")
+
+
+def call_reward_safely(fn: Callable, completions: list[str], prompts, answers, fields: dict
+                       ) -> tuple[list[float], list[str | None]]:
+    """Call ``fn`` on the batch; if that raises, call it per sample.
+
+    Returns the scores and, per sample, ``None`` / ``"error"`` / ``"timeout"``. Never raises
+    because of a completion; failed samples score 0.
+    """
+    b = len(completions)
+    try:
+        values = fn(completions, prompts=prompts, answers=answers, **fields)
+        values = list(values)
+        if len(values) != b:
+            raise ValueError(f"reward returned {len(values)} values for {b} completions")
+        pairs = [_clean(v) for v in values]
+    except Exception:
+        pairs = []
+        for i in range(b):
+            try:
+                one = fn([completions[i]],
+                         prompts=None if prompts is None else [prompts[i]],
+                         answers=None if answers is None else [answers[i]],
+                         **_slice_fields(fields, i, b))
+                one = list(one)
+                pairs.append(_clean(one[0]) if len(one) == 1 else (0.0, "error"))
+            except _TIMEOUT_ERRORS:
+                pairs.append((0.0, "timeout"))
+            except Exception:
+                pairs.append((0.0, "error"))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def weighted_sum(spec) -> Callable:
+    """A single reward function computing ``sum_k w_k * fn_k`` per sample (no noise, no metrics).
+
+    Failures of a component score 0 for that component, as in :class:`RewardScorer`.
+    """
+    entries = parse_reward_spec(spec)
+
+    def weighted(completions, *, prompts=None, answers=None, **fields):
+        total = [0.0] * len(completions)
+        for _, fn, w in entries:
+            scores, _ = call_reward_safely(fn, list(completions), prompts, answers, fields)
+            total = [t + w * s for t, s in zip(total, scores)]
+        return total
+
+    return weighted
+
+
+class RewardScorer:
+    """Turn completions into a reward tensor, robustly.
+
+    ``spec``: a list of ``(fn_or_name, weight)`` (or ``(name, weight, options)``), a single
+    name/function, or a ``{name: weight}`` dict. ``noise_sigma`` adds ``N(0, sigma^2)`` noise to
+    the weighted sum (for reward-noise robustness studies); the noise stream is reproducible
+    from ``seed`` (successive calls draw successive noise).
+
+    ``scorer(completions, prompts=..., answers=..., **fields)`` returns ``(rewards, metrics)``:
+    ``rewards`` is a float32 tensor ``(B,)``; ``metrics`` has ``reward/<name>`` (mean of each
+    function's raw score), ``reward_mean`` / ``reward_std`` (of the returned rewards),
+    ``reward_clean_mean`` (before noise), ``reward_errors`` and ``reward_timeouts`` (counts
+    of failed samples, summed over functions). A reward function that raises or times out
+    scores 0 for the affected samples; this call never raises because of a completion.
+    """
+
+    def __init__(self, spec: Sequence | str | Callable | dict, noise_sigma: float = 0.0, seed: int = 0):
+        self.entries = parse_reward_spec(spec)
+        noise_sigma = float(noise_sigma)
+        if not math.isfinite(noise_sigma) or noise_sigma < 0:
+            raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma}")
+        self.noise_sigma = noise_sigma
+        self.seed = int(seed)
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.entries]
+
+    def __call__(self, completions: Sequence[str], *, prompts: Sequence[str] | None = None,
+                 answers: Sequence[str] | None = None, **fields) -> tuple[torch.Tensor, dict]:
+        completions = [c if isinstance(c, str) else str(c) for c in completions]
+        b = len(completions)
+        prompts = None if prompts is None else list(prompts)
+        answers = None if answers is None else list(answers)
+        for label, seq in (("prompts", prompts), ("answers", answers)):
+            if seq is not None and len(seq) != b:
+                raise ValueError(f"RewardScorer: {b} completions but {len(seq)} {label}")
+        total = torch.zeros(b, dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        errors = timeouts = 0
+        for name, fn, weight in self.entries:
+            scores, problems = call_reward_safely(fn, completions, prompts, answers, fields)
+            errors += sum(p == "error" for p in problems)
+            timeouts += sum(p == "timeout" for p in problems)
+            s = torch.tensor(scores, dtype=torch.float64)
+            metrics[f"reward/{name}"] = float(s.mean()) if b else 0.0
+            total += weight * s
+        metrics["reward_clean_mean"] = float(total.mean()) if b else 0.0
+        if self.noise_sigma > 0 and b:
+            total = total + self.noise_sigma * torch.randn(b, generator=self._gen, dtype=torch.float64)
+        rewards = total.to(torch.float32)
+        metrics["reward_mean"] = float(rewards.mean()) if b else 0.0
+        metrics["reward_std"] = float(rewards.std(unbiased=False)) if b else 0.0
+        metrics["reward_errors"] = int(errors)
+        metrics["reward_timeouts"] = int(timeouts)
+        return rewards, metrics
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"({n!r}, {w})" for n, _, w in self.entries)
+        return f"RewardScorer([{parts}], noise_sigma={self.noise_sigma}, seed={self.seed})"
