@@ -9,10 +9,14 @@
 
 from .base import Score, available_rewards, get_reward, register_reward
 from . import basic as _basic  # noqa: F401  (registers the built-in rewards)
+from . import code as _code  # noqa: F401
+from .code import extract_code
+from .sandbox import SandboxLimits, SandboxResult, run_python
 from .basic import parse_final_number
 from .scorer import RewardScorer, call_reward_safely, parse_reward_spec, weighted_sum
 
 __all__ = [
     "Score", "get_reward", "register_reward", "available_rewards", "parse_final_number",
+    "extract_code", "SandboxLimits", "SandboxResult", "run_python",
     "RewardScorer", "call_reward_safely", "parse_reward_spec", "weighted_sum",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import get_reward
+from .base import get_reward, register_reward
 
 _TIMEOUT_ERRORS = (TimeoutError, subprocess.TimeoutExpired, concurrent.futures.TimeoutError)
 
@@ -189,3 +189,9 @@ class RewardScorer:
     def __repr__(self) -> str:
         parts = ", ".join(f"({n!r}, {w})" for n, _, w in self.entries)
         return f"RewardScorer([{parts}], noise_sigma={self.noise_sigma}, seed={self.seed})"
+
+
+@register_reward("weighted")
+def _weighted_factory(components=()):
+    """``get_reward("weighted", components=[("exact_match", 1.0), ("format", 0.1)])``."""
+    return weighted_sum(list(components))
