@@ -1,0 +1,52 @@
+"""Per-call batch bookkeeping shared by the axes: mask, lengths, positions, groups, counts."""
+
+from __future__ import annotations
+
+import torch
+
+
+class BatchInfo:
+    """What every axis may need to know about the batch of one objective call.
+
+    Attributes are computed once per call; ``pos`` and ``group_index`` lazily (only the axes that
+    need them pay for them).
+    """
+
+    def __init__(self, mask_f: torch.Tensor, group_ids, num_tokens, num_sequences, n_dropped: int):
+        self.mask = mask_f  # (B, T) float32, 1 on counted tokens
+        self.B, self.T = mask_f.shape
+        self.lengths = mask_f.sum(1)  # (B,) float32
+        self.seq_valid = self.lengths > 0  # (B,) bool: non-empty (and not dropped) responses
+        self.group_ids = group_ids
+        self.n_dropped = n_dropped
+        # B' and N of SPEC section 4 (global counts if the caller passed them).
+        self.num_sequences = num_sequences if num_sequences is not None else max(self.B - n_dropped, 1)
+        self.num_tokens = num_tokens if num_tokens is not None else self.lengths.sum().clamp_min(1.0)
+        self._pos = None
+        self._groups = None
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """1-based count of valid tokens up to and including t: cumsum(m) (SPEC section 1)."""
+        if self._pos is None:
+            self._pos = torch.cumsum(self.mask, dim=1)
+        return self._pos
+
+    def group_index(self, scope: str = "group"):
+        """(index (B,) long in [0, G), G) for the sequences sharing a normaliser."""
+        if scope == "batch":
+            return torch.zeros(self.B, dtype=torch.long, device=self.mask.device), 1
+        if self._groups is None:
+            if self.group_ids is None:
+                raise ValueError(
+                    "this objective normalises weights within groups and needs group_ids (B,) "
+                    "(which prompt each sequence answers); pass group_ids=... or set "
+                    "normalize_scope='batch'"
+                )
+            uniq, inv = torch.unique(self.group_ids, return_inverse=True)
+            self._groups = (inv, int(uniq.numel()))
+        return self._groups
+
+    def seq_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean over valid tokens of a (B, T) tensor; 0 for empty responses."""
+        return (x * self.mask).sum(1) / self.lengths.clamp_min(1.0)

@@ -1,0 +1,134 @@
+"""KL regularisation (SPEC section 5): estimators, placements and beta controllers.
+
+Estimators ``fn(logp, ref_logp, token_kl, obj) -> (B, T)`` per-token KL values (float32),
+registered in ``KL_ESTIMATORS``. Placements (``KL_PLACEMENTS``) decide how beta * KL enters the
+loss; the core applies them (see ``core.Objective.__call__``):
+
+- ``loss``: beta * kl_t added to each token's loss before aggregation (GRPO);
+- ``loss_is``: beta * x_t * kl_t, x the policy weight of that token, gradient through both
+  (TRL use_bias_correction_kl=True; DeepSeek-V3.2 unbiased KL);
+- ``is_weighted``: beta * (1/B') sum_i w_i K_i, K_i = mean_t kl over sequence i, w the same
+  (sequence-level) weight as the policy term (SNIB Alg. 1 line 11).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._registry import Registry
+
+KL_ESTIMATORS = Registry("KL estimator")
+KL_PLACEMENTS = Registry("KL placement")
+
+
+def _log_diff(logp, ref_logp, obj):
+    if ref_logp is None:
+        raise ValueError(
+            "beta > 0 with a sampled KL estimator needs ref_logp (B, T): pass ref_logp=..., "
+            "or set beta=0, or use kl_estimator='exact' with token_kl"
+        )
+    c = obj.log_ratio_clamp
+    return (ref_logp.float() - logp.float()).clamp(-c, c)  # log(pi_ref / pi_theta)
+
+
+@KL_ESTIMATORS.register("k1")
+def k1(logp, ref_logp, token_kl, obj):
+    # Schulman's k1: log(pi / pi_ref), unbiased, can be negative
+    return -_log_diff(logp, ref_logp, obj)
+
+
+@KL_ESTIMATORS.register("k2")
+def k2(logp, ref_logp, token_kl, obj):
+    # k2: 0.5 * (log(pi / pi_ref))^2
+    return 0.5 * _log_diff(logp, ref_logp, obj).square()
+
+
+@KL_ESTIMATORS.register("k3")
+def k3(logp, ref_logp, token_kl, obj):
+    # GRPO's KL (tutorial sec. 6.2): exp(ref - logp) - (ref - logp) - 1 >= 0
+    d = _log_diff(logp, ref_logp, obj)
+    return torch.exp(d) - d - 1.0
+
+
+@KL_ESTIMATORS.register("exact")
+def exact(logp, ref_logp, token_kl, obj):
+    # Full-vocabulary KL(pi_theta(.|s_t) || pi_ref(.|s_t)) supplied by the policy engine (SNIB Alg. 1 line 11)
+    if token_kl is None:
+        raise ValueError(
+            "kl_estimator='exact' needs token_kl (B, T), the per-state full-vocabulary KL from the "
+            "policy engine (Policy.completion_stats(..., with_kl=True).token_kl); supply it, or pick "
+            "another estimator (k1, k2, k3) and pass ref_logp"
+        )
+    return token_kl.float()
+
+
+# Placements: the core asks each for (per-token term to add before aggregation or None,
+# per-sequence weight for the separate is_weighted term or None).
+
+
+@KL_PLACEMENTS.register("loss", needs_sequence_weight=False)
+def loss(kl, x_tok):
+    return kl
+
+
+@KL_PLACEMENTS.register("loss_is", needs_sequence_weight=False)
+def loss_is(kl, x_tok):
+    return kl * x_tok
+
+
+@KL_PLACEMENTS.register("is_weighted", needs_sequence_weight=True)
+def is_weighted(kl, x_tok):
+    return None  # handled as a separate sequence-level term in the core
+
+
+class FixedBeta:
+    """A constant beta: ``update`` returns it unchanged."""
+
+    def __init__(self, beta: float = 0.0):
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = float(beta)
+
+    def update(self, observed_kl: float) -> float:
+        return self.beta
+
+    def __repr__(self):
+        return f"FixedBeta(beta={self.beta})"
+
+
+class PrimalDualBeta:
+    """Dual ascent on the KL constraint KL <= target (SNIB App. G.4):
+    beta <- max(0, beta + lr * (KL - target))."""
+
+    def __init__(self, target: float, lr: float, beta: float = 0.0):
+        if lr <= 0 or target < 0 or beta < 0:
+            raise ValueError(f"PrimalDualBeta needs target >= 0, lr > 0, beta >= 0; got {target}, {lr}, {beta}")
+        self.target, self.lr, self.beta = float(target), float(lr), float(beta)
+
+    def update(self, observed_kl: float) -> float:
+        self.beta = max(0.0, self.beta + self.lr * (float(observed_kl) - self.target))
+        return self.beta
+
+    def __repr__(self):
+        return f"PrimalDualBeta(target={self.target}, lr={self.lr}, beta={self.beta})"
+
+
+class AdaptiveBeta:
+    """Multiplicative controller of Ziegler et al. (2019) / PPO:
+    e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon)."""
+
+    def __init__(self, target: float, horizon: float, beta: float = 0.1):
+        if target <= 0 or horizon <= 0 or beta < 0:
+            raise ValueError(f"AdaptiveBeta needs target > 0, horizon > 0, beta >= 0; got {target}, {horizon}, {beta}")
+        self.target, self.horizon, self.beta = float(target), float(horizon), float(beta)
+
+    def update(self, observed_kl: float, n_steps: int = 1) -> float:
+        err = min(max(float(observed_kl) / self.target - 1.0, -0.2), 0.2)
+        self.beta = self.beta * (1.0 + err * n_steps / self.horizon)
+        return self.beta
+
+    def __repr__(self):
+        return f"AdaptiveBeta(target={self.target}, horizon={self.horizon}, beta={self.beta})"
+
+
+__all__ = ["KL_ESTIMATORS", "KL_PLACEMENTS", "FixedBeta", "PrimalDualBeta", "AdaptiveBeta"]
