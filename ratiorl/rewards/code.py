@@ -64,8 +64,9 @@ def code_tests(tests_field: str = "tests", mode: str = "fraction", setup: str = 
             code = code + "\n" + setup
         result = run_python(code, tests, limits)
         if result.report is None:
-            return Score(0.0, timed_out=result.timed_out,
-                         error=None if result.timed_out else f"runner exited with {result.returncode}")
+            # Timed out, or killed/exited before reporting (a memory or CPU limit, os._exit):
+            # a failure of the completion, not of the reward function.
+            return Score(0.0, timed_out=True) if result.timed_out else 0.0
         rep = result.report
         if not rep["loaded"]:
             return 0.0
