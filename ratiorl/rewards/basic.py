@@ -83,6 +83,7 @@ def format_reward(pattern: str = r"^\s*\S+\s*$", mode: str = "fullmatch", flags:
 def math_verify_reward(float_rounding: int = 6, strict: bool = True, timeout_seconds: int = 5):
     """1.0 when ``math_verify.verify(parse(answer), parse(completion))`` holds.
 
+    A bare LaTeX answer (``\\frac12``, no ``$``) is parsed as ``$\\frac12$``.
     Needs the ``math-verify`` package (``pip install 'ratiorl[math]'``). A completion that
     cannot be parsed scores 0.
     """
@@ -99,7 +100,10 @@ def math_verify_reward(float_rounding: int = 6, strict: bool = True, timeout_sec
         timeout = timeout_seconds if threading.current_thread() is threading.main_thread() else None
         out = []
         for c, a in zip(completions, answers):
-            gold = parse(str(a), parsing_timeout=timeout)
+            a = str(a)
+            gold = parse(a, parsing_timeout=timeout)
+            if not gold and "$" not in a:  # bare LaTeX gold such as \frac12: add delimiters
+                gold = parse(f"${a}$", parsing_timeout=timeout)
             pred = parse(str(c), parsing_timeout=timeout)
             ok = bool(gold) and bool(pred) and verify(gold, pred, float_rounding=float_rounding,
                                                       strict=strict, timeout_seconds=timeout)

@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from ratiorl.rewards import RewardScorer, Score, get_reward
+
+
+def _const(value):
+    def const(completions, **kw):
+        return [value] * len(completions)
+    return const
+
+
+def _kw(n, answer="46"):
+    return dict(prompts=["12+34="] * n, answers=[answer] * n)
+
+
+def test_scorer_weighted_sum_and_metrics():
+    scorer = RewardScorer([("exact_match", 2.0), (get_reward("format", pattern=r"\d+"), 0.5)])
+    rewards, metrics = scorer(["46", "47", "x", " 46"], **_kw(4))
+    assert rewards.dtype == torch.float32 and rewards.shape == (4,)
+    # exact: 1,0,0,1 ; format (fullmatch \d+): 1,1,0,0
+    assert rewards.tolist() == pytest.approx([2.5, 0.5, 0.0, 2.0])
+    assert metrics["reward/exact_match"] == pytest.approx(0.5)
+    assert metrics["reward/format"] == pytest.approx(0.5)
+    assert metrics["reward_mean"] == pytest.approx(1.25)
+    assert metrics["reward_errors"] == 0 and metrics["reward_timeouts"] == 0
+
+
+def test_scorer_accepts_name_and_duplicate_names():
+    rewards, _ = RewardScorer("exact_match")(["46", "4"], **_kw(2))
+    assert rewards.tolist() == [1.0, 0.0]
+    scorer = RewardScorer([("exact_match", 1.0), ("exact_match", 1.0)])
+    assert scorer.names == ["exact_match", "exact_match_1"]
+    with pytest.raises(ValueError, match="empty"):
+        RewardScorer([])
+    with pytest.raises(ValueError, match="unknown reward"):
+        RewardScorer([("nope", 1.0)])
+    with pytest.raises(ValueError, match="noise_sigma"):
+        RewardScorer("exact_match", noise_sigma=-1)
+
+
+def test_raising_reward_scores_zero_only_for_affected_samples():
+    calls = []
+
+    def picky(completions, *, prompts=None, answers=None, **fields):
+        calls.append(len(completions))
+        if any(c == "boom" for c in completions):
+            raise RuntimeError("cannot score this")
+        return [1.0] * len(completions)
+
+    scorer = RewardScorer([(picky, 1.0), ("exact_match", 1.0)])
+    rewards, metrics = scorer(["46", "boom", "46"], **_kw(3))
+    assert rewards.tolist() == [2.0, 0.0, 2.0]
+    assert metrics["reward_errors"] == 1
+    assert metrics["reward/picky"] == pytest.approx(2 / 3)
+    assert calls == [3, 1, 1, 1]  # batch call failed, then one call per sample
+
+
+def test_per_sample_fallback_slices_fields():
+    def uses_field(completions, *, prompts=None, answers=None, weight=None, **fields):
+        if len(completions) > 1:
+            raise RuntimeError("batch path broken")
+        return [float(weight[0])]
+
+    rewards, metrics = RewardScorer([(uses_field, 1.0)])(["a", "b"], **_kw(2), weight=[3, 5])
+    assert rewards.tolist() == [3.0, 5.0] and metrics["reward_errors"] == 0
+
+
+def test_bad_return_values_are_errors_not_crashes():
+    def nan_and_junk(completions, **kw):
+        return [float("nan"), "junk", None, 1.0][: len(completions)]
+
+    def wrong_length(completions, **kw):
+        return [1.0]
+
+    rewards, metrics = RewardScorer([(nan_and_junk, 1.0)])(["a", "b", "c", "d"], **_kw(4))
+    assert rewards.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert metrics["reward_errors"] == 2  # None means "not applicable": scored 0, no error
+    rewards, metrics = RewardScorer([(wrong_length, 1.0)])(["a", "b", "c"], **_kw(3))
+    assert rewards.tolist() == [1.0, 1.0, 1.0]  # per-sample fallback returns one value each
+
+
+def test_timeouts_are_counted():
+    def slow(completions, **kw):
+        out = []
+        for c in completions:
+            if c == "hang":
+                out.append(Score(0.0, timed_out=True))
+            else:
+                out.append(1.0)
+        return out
+
+    def raises_timeout(completions, **kw):
+        raise TimeoutError
+
+    rewards, metrics = RewardScorer([(slow, 1.0), (raises_timeout, 1.0)])(["ok", "hang"], **_kw(2))
+    assert rewards.tolist() == [1.0, 0.0]
+    assert metrics["reward_timeouts"] == 1 + 2 and metrics["reward_errors"] == 0
+
+
+def test_noise_statistics_and_reproducibility():
+    n, sigma = 20000, 0.3
+    scorer = RewardScorer([(_const(1.0), 1.0)], noise_sigma=sigma, seed=7)
+    rewards, metrics = scorer(["x"] * n, **_kw(n))
+    noise = rewards.double() - 1.0
+    # mean ~ N(0, sigma^2 / n): 5 standard errors; std within 3%
+    assert abs(noise.mean().item()) < 5 * sigma / math.sqrt(n)
+    assert noise.std().item() == pytest.approx(sigma, rel=0.03)
+    assert metrics["reward_clean_mean"] == pytest.approx(1.0)
+    again, _ = RewardScorer([(_const(1.0), 1.0)], noise_sigma=sigma, seed=7)(["x"] * n, **_kw(n))
+    assert torch.equal(rewards, again)
+    other, _ = RewardScorer([(_const(1.0), 1.0)], noise_sigma=sigma, seed=8)(["x"] * n, **_kw(n))
+    assert not torch.equal(rewards, other)
+    second, _ = scorer(["x"] * n, **_kw(n))  # successive calls draw fresh noise
+    assert not torch.equal(rewards, second)
+
+
+def test_no_noise_by_default_and_empty_batch():
+    rewards, metrics = RewardScorer("exact_match")(["46"] * 3, **_kw(3))
+    assert rewards.tolist() == [1.0, 1.0, 1.0]
+    rewards, metrics = RewardScorer("exact_match", noise_sigma=1.0)([], prompts=[], answers=[])
+    assert rewards.shape == (0,) and metrics["reward_errors"] == 0
+
+
+def test_length_mismatch_is_a_caller_error():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        RewardScorer("exact_match")(["1", "2"], prompts=["a", "b"], answers=["1"])
