@@ -56,7 +56,7 @@ class Objective:
 
     Numerics: per-token log-ratios are clamped to +-``log_ratio_clamp``; summed log weights
     (sequence, sequence_token, cumulative) to +-``max_log_weight`` (saturating, no gradient
-    beyond the bound); everything is computed in float32 whatever the input dtype.
+    beyond the bound); everything is computed in float32 (float64 for float64 inputs) whatever the input dtype.
     ``nonfinite="raise"`` raises ValueError naming a tensor with NaN/inf on a valid position;
     ``"mask"`` drops those sequences (their loss is 0 and B' counts only the kept ones unless
     ``num_sequences`` is given) and reports ``nonfinite_dropped``. NaN/inf on padding is ignored.
@@ -173,7 +173,9 @@ class Objective:
         old_logp = old_logp.detach()
         advantages = advantages.detach()
         ref_logp = ref_logp.detach() if ref_logp is not None else None
-        maskf = mask.to(torch.float32)
+        # float32 at least (bf16/fp16 inputs are upcast); float64 inputs stay float64
+        cd = torch.promote_types(torch.promote_types(logp.dtype, old_logp.dtype), torch.float32)
+        maskf = mask.to(cd)
 
         n_dropped = 0
         fast = logp.detach().sum(dtype=torch.float32) + old_logp.sum(dtype=torch.float32) + advantages.sum(dtype=torch.float32)
@@ -186,11 +188,11 @@ class Objective:
 
         info = BatchInfo(maskf, group_ids, num_tokens, num_sequences, n_dropped)
         c = self.log_ratio_clamp
-        delta = (logp.float() - old_logp.float()).clamp(-c, c) * maskf  # SPEC 7: float32, clamped, 0 on padding
+        delta = (logp.to(cd) - old_logp.to(cd)).clamp(-c, c) * maskf  # SPEC 7: float32, clamped, 0 on padding
 
         w = WEIGHTS[self.weight](delta, info, self)
         x = torch.exp(w.log_w)
-        A = advantages.float()
+        A = advantages.to(cd)
         if w.level == "token":
             A_el = A[:, None] if A.dim() == 1 else A
         else:
@@ -260,7 +262,7 @@ class Objective:
     @torch.no_grad()
     def _metrics(self, x, level, shaped, info, kl_tok, n_dropped):
         xv = x.detach()
-        m = info.mask if level == "token" else info.seq_valid.to(torch.float32)
+        m = info.mask if level == "token" else info.seq_valid.to(info.mask.dtype)
         n = m.sum().clamp_min(1.0)
         xm = xv * m
         s1 = xm.sum()
@@ -281,7 +283,7 @@ class Objective:
         if self.nonfinite == "mask":
             out["nonfinite_dropped"] = float(n_dropped)
         if self.per_position_metrics:
-            clipped = torch.zeros_like(xv, dtype=torch.float32)
+            clipped = torch.zeros_like(xv)
             for c in (shaped.clipped_low, shaped.clipped_high):
                 if c is not None:
                     clipped = clipped + c

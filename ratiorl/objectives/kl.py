@@ -28,7 +28,8 @@ def _log_diff(logp, ref_logp, obj):
             "or set beta=0, or use kl_estimator='exact' with token_kl"
         )
     c = obj.log_ratio_clamp
-    return (ref_logp.float() - logp.float()).clamp(-c, c)  # log(pi_ref / pi_theta)
+    cd = torch.promote_types(logp.dtype, torch.float32)  # float32 at least (SPEC 7)
+    return (ref_logp.to(cd) - logp.to(cd)).clamp(-c, c)  # log(pi_ref / pi_theta)
 
 
 @KL_ESTIMATORS.register("k1")
@@ -59,7 +60,7 @@ def exact(logp, ref_logp, token_kl, obj):
             "policy engine (Policy.completion_stats(..., with_kl=True).token_kl); supply it, or pick "
             "another estimator (k1, k2, k3) and pass ref_logp"
         )
-    return token_kl.float()
+    return token_kl.to(torch.promote_types(token_kl.dtype, torch.float32))
 
 
 # Placements: the core asks each for (per-token term to add before aggregation or None,

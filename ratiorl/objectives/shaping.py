@@ -100,7 +100,7 @@ def position_clip(x, A, w, info, obj):
 def gate(x, A, w, info, obj):
     # SAPO soft gate (tutorial sec. 7.5): L = -(4/tau) sigmoid(tau (x - 1)) A, tau = tau_pos if A > 0 else tau_neg;
     # its gradient at x = 1 is exactly the REINFORCE gradient -A grad logp. Never hard-clips.
-    tau = torch.where(A > 0, obj.tau_pos, obj.tau_neg)
+    tau = torch.where(A > 0, A.new_full((), obj.tau_pos), A.new_full((), obj.tau_neg))
     return Shaped(-(4.0 / tau) * torch.sigmoid(tau * (x - 1.0)) * A)
 
 

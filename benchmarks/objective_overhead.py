@@ -1,0 +1,86 @@
+"""Forward+backward time of every preset relative to ``grpo`` (B=64, T=1024 by default).
+
+Timings are interleaved: each round runs every preset once (round-robin, ``--iters`` calls each),
+and the reported time is the median over ``--rounds`` rounds, so slow drifts of the machine hit
+all presets alike. Exact-KL presets get a random ``token_kl``; every preset gets ``ref_logp`` and
+``group_ids``. The last line is ``max_ratio=<x> preset=<name>`` for the slowest preset without
+exact KL (target: <= 1.05).
+
+    python benchmarks/objective_overhead.py [--B 64] [--T 1024] [--rounds 15] [--iters 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ratiorl
+
+
+def make_inputs(B, T, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = (old + 0.1 * torch.randn(B, T, generator=g)).to(device)
+    ref = (old + 0.1 * torch.randn(B, T, generator=g)).to(device)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    group_ids = (torch.arange(B) // 8).to(device)
+    token_kl = (torch.rand(B, T, generator=g) * 0.1).to(device)
+    return dict(logp=logp, old=old.to(device), adv=adv, mask=mask, group_ids=group_ids, ref=ref, token_kl=token_kl)
+
+
+def step(obj, d):
+    logp = d["logp"].detach().requires_grad_(True)
+    kl = d["token_kl"].detach().requires_grad_(True) if obj.kl_estimator == "exact" else None
+    out = obj(logp, d["old"], d["adv"], d["mask"], group_ids=d["group_ids"], ref_logp=d["ref"], token_kl=kl)
+    out.loss.backward()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    d = make_inputs(args.B, args.T, dev)
+    names = ratiorl.available_objectives()
+    objs = {n: ratiorl.objective(n) for n in names}
+    for obj in objs.values():  # warm-up
+        for _ in range(3):
+            step(obj, d)
+    sync()
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                step(objs[n], d)
+            sync()
+            times[n].append((time.perf_counter() - t0) / args.iters)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    base = med["grpo"]
+    print(f"B={args.B} T={args.T} device={dev} threads={torch.get_num_threads()} rounds={args.rounds} iters={args.iters}")
+    print(f"{'preset':<12} {'ms':>8} {'ratio':>7}  exact_kl")
+    for n in names:
+        print(f"{n:<12} {med[n] * 1e3:8.3f} {med[n] / base:7.3f}  {'yes' if objs[n].kl_estimator == 'exact' and objs[n].beta > 0 else ''}")
+    cand = {n: med[n] / base for n in names if not (objs[n].kl_estimator == "exact" and objs[n].beta > 0)}
+    worst = max(cand, key=cand.get)
+    print(f"max_ratio={cand[worst]:.3f} preset={worst}")
+
+
+if __name__ == "__main__":
+    main()
