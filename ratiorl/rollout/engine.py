@@ -1,0 +1,298 @@
+"""Rollout engines: sample G completions per prompt and log the sampler's per-token log-probs.
+
+``HFRolloutEngine`` drives any Hugging Face causal LM with its own KV-cached sampling loop
+(one batched forward per new token for all B*G rows) instead of ``model.generate``: the loop
+does only what RL needs (temperature, top-p, stop at EOS, log-probs) and so has little
+per-token Python overhead.
+
+The logged log-prob of a sampled token y is log softmax(logits / T)[y] over the *full*
+vocabulary, the same function ``Policy.completion_stats`` computes; top-p only changes which
+token is drawn (SPEC: the importance ratio is against the untruncated tempered policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of a batch of prompts; rows g*G .. g*G+G-1 answer prompt g."""
+
+    prompt_ids: torch.Tensor  # (B, Tp) long, left-padded
+    prompt_mask: torch.Tensor  # (B, Tp) long, 1 on real tokens
+    completion_ids: torch.Tensor  # (B, Tc) long, right-padded
+    completion_mask: torch.Tensor  # (B, Tc) long, 1 on generated tokens (EOS included)
+    old_logp: torch.Tensor  # (B, Tc) float32, log pi_old(y_t | s_t), 0 on padding
+    group_ids: torch.Tensor  # (B,) long, which prompt (group) each row answers
+    prompt_index: torch.Tensor  # (B,) long, index into the prompts list
+    completion_texts: list[str]  # decoded completions, without EOS / padding
+    truncated: torch.Tensor  # (B,) bool, True if no EOS within max_new_tokens
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def to(self, device) -> "RolloutBatch":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        return RolloutBatch(**kw)
+
+    def select(self, index) -> "RolloutBatch":
+        """Rows ``index`` (a slice, a list or a long tensor) as a new batch."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        else:
+            rows = torch.as_tensor(index).tolist()
+        idx = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = [v[i] for i in rows] if isinstance(v, list) else v.index_select(0, idx.to(v.device))
+        return RolloutBatch(**kw)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a sampler (HF, vLLM, ... all plug in behind this)."""
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_generations: int,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch: ...
+
+    def load_weights(self, model: nn.Module) -> None: ...
+
+
+def _unwrap(model):
+    # Accept a ratiorl Policy (anything with a .model and .completion_stats) as well.
+    if hasattr(model, "completion_stats") and hasattr(model, "model"):
+        return model.model
+    return model
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the plain transformers model, with LoRA deltas folded into the weights.
+
+    For a PEFT LoRA model, W_merged = W_base + delta (delta = B A * scaling, from PEFT's own
+    ``get_delta_weight``), under the original parameter names. The model is not modified.
+    """
+    if not _is_peft(model):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    sd = {}
+    for k, v in base.state_dict().items():
+        if "lora_" in k:
+            continue
+        sd[k.replace(".base_layer.", ".")] = v
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if not isinstance(mod, LoraLayer) or getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
+                continue
+            key = f"{name}.weight"
+            for adapter in mod.active_adapters:
+                if adapter in getattr(mod, "lora_A", {}):
+                    sd[key] = sd[key] + mod.get_delta_weight(adapter).to(sd[key].dtype)
+    return sd
+
+
+class HFRolloutEngine:
+    """KV-cached sampler over a Hugging Face causal LM.
+
+    ``model`` is the sampler's own model (``load_weights`` copies policy weights into it), or
+    the policy's model object itself, in which case the sampler always sees the current
+    weights and ``load_weights`` is a no-op.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None):
+        self.model = _unwrap(model)
+        self.tokenizer = tokenizer
+        eos = set()
+        for src in (eos_token_id, getattr(tokenizer, "eos_token_id", None),
+                    getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+            if src is None:
+                continue
+            eos.update([src] if isinstance(src, int) else list(src))
+        if not eos:
+            raise ValueError("no EOS token id: the tokenizer has no eos_token; pass eos_token_id=")
+        self.eos_token_ids = sorted(eos)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, model: nn.Module) -> None:
+        """Sampler <- policy weights. No-op when the sampler *is* the policy's model."""
+        src = _unwrap(model)
+        if src is self.model:
+            return
+        if _is_peft(self.model):
+            if not _is_peft(src):
+                raise ValueError("the sampler is a PEFT model but the source model is not")
+            sd = src.state_dict()
+        else:
+            sd = merged_state_dict(src)
+        with torch.no_grad():
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the input embedding
+        if missing or unexpected:
+            raise ValueError(f"weight sync failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize once and left-pad: (P, Tp) ids and mask."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, got a single string")
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        enc = self.tokenizer(list(prompts))["input_ids"]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        for i, ids in enumerate(enc):
+            if len(ids) == 0:
+                if bos is None:
+                    raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+                enc[i] = [bos]
+        Tp = max(len(ids) for ids in enc)
+        ids = torch.full((len(enc), Tp), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), Tp), dtype=torch.long)
+        for i, row in enumerate(enc):
+            ids[i, Tp - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, Tp - len(row):] = 1
+        return ids, mask
+
+    # ------------------------------------------------------------------ sampling
+    @staticmethod
+    def _sample(logp_all: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+        """Draw one token per row from softmax(logits/T), restricted to the top-p nucleus."""
+        probs = logp_all.exp()
+        if top_p >= 1.0:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop token k if the mass strictly
+        # before it already reaches top_p (the most likely token is always kept).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        j = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, j).squeeze(-1)
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_generations: int = 1,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch:
+        """Sample ``num_generations`` completions per prompt.
+
+        ``temperature=0`` means greedy decoding (log-probs then use temperature 1).
+        """
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        greedy = temperature == 0
+        T = 1.0 if greedy else float(temperature)
+
+        model, dev = self.model, self.device
+        G = num_generations
+        p_ids, p_mask = self.encode_prompts(prompts)
+        P, Tp = p_ids.shape
+        prompt_ids = p_ids.repeat_interleave(G, 0).to(dev)  # prompt g -> rows g*G .. g*G+G-1
+        prompt_mask = p_mask.repeat_interleave(G, 0).to(dev)
+        group_ids = torch.arange(P, device=dev).repeat_interleave(G)
+        R = P * G
+
+        eos = torch.tensor(self.eos_token_ids, device=dev)
+        tokens = torch.full((R, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        logps = torch.zeros((R, max_new_tokens), dtype=torch.float32, device=dev)
+        alive_steps = torch.zeros((R, max_new_tokens), dtype=torch.long, device=dev)
+        finished = torch.zeros(R, dtype=torch.bool, device=dev)
+        # Attention mask for prompt + all possible new tokens; sliced as the cache grows.
+        attn = torch.cat([prompt_mask, torch.ones((R, max_new_tokens), dtype=torch.long, device=dev)], 1)
+        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = pos[:, -1] + 1
+        pad = torch.tensor(self.pad_token_id, device=dev)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                            use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                steps = 0
+                for t in range(max_new_tokens):
+                    # log pi_old(. | s_t) = log_softmax(logits / T), full vocabulary, float32
+                    logp_all = torch.log_softmax(out.logits[:, -1].float() / T, dim=-1)
+                    if greedy:
+                        tok = logp_all.argmax(-1)
+                    else:
+                        tok = self._sample(logp_all, top_p, generator)
+                    lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+                    alive = ~finished
+                    tok = torch.where(alive, tok, pad)
+                    tokens[:, t] = tok
+                    logps[:, t] = lp.masked_fill(finished, 0.0)
+                    alive_steps[:, t] = alive
+                    finished = finished | torch.isin(tok, eos)
+                    steps = t + 1
+                    if t + 1 == max_new_tokens or bool(finished.all()):
+                        break
+                    out = model(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
+                                position_ids=(next_pos + t)[:, None], past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+        finally:
+            model.train(was_training)
+        del past, out
+
+        completion_ids = tokens[:, :steps].clone()
+        completion_mask = alive_steps[:, :steps].clone()
+        old_logp = logps[:, :steps].clone()
+        # Text without EOS or padding: keep generated tokens that are not EOS.
+        keep = completion_mask.bool() & ~torch.isin(completion_ids, eos)
+        rows = [completion_ids[i][keep[i]].tolist() for i in range(R)]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            old_logp=old_logp,
+            group_ids=group_ids,
+            prompt_index=group_ids.clone(),
+            completion_texts=texts,
+            truncated=~finished,
+        )
