@@ -245,15 +245,42 @@ def namespace_prefix() -> list[str]:
         return found
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_all(proc: subprocess.Popen, pid_namespace: bool) -> None:
+    """Kill the child and everything it started; return once they are gone where we can tell.
+
+    With a PID namespace, SIGKILL goes to the namespace's init first (the child of
+    ``unshare``): the kernel kills every process in the namespace and ``unshare`` only reaps
+    init once they are all gone, so waiting for ``unshare`` waits for the whole tree.
+    Then the process group is killed, which covers the no-namespace case.
+    """
+    if pid_namespace and proc.poll() is None:
+        for child in _children(proc.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def _read_tail(f, limit: int = 65536) -> str:
@@ -307,8 +334,8 @@ def run_python(code: str, tests: list[str] | None = None, limits: SandboxLimits 
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                _kill_group(proc)  # also reaps stragglers left in the group after a normal exit
-                proc.wait()
+                # also kills stragglers left in the group after a normal exit
+                _kill_all(proc, pid_namespace="--pid" in prefix)
             seconds = time.monotonic() - start
             stdout, stderr = _read_tail(out), _read_tail(err)
         report = None
