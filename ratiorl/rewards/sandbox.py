@@ -146,12 +146,13 @@ signal.signal(signal.SIGXCPU, lambda *a: os._exit(124))
 
 root = os.path.realpath(os.getcwd())
 real_stdout = os.dup(1)
-_busy = [False]
+import _thread
+_busy = set()  # threads currently inside the hook (its own os calls raise nested events)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 BLOCKED = ("os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
            "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
            "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
-           "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook", "os.putenv")
+           "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook")
 PATH_EVENTS = {"os.remove": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.rmdir": (0,),
                "os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,),
                "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,), "os.chflags": (0,),
@@ -167,9 +168,10 @@ def inside(path):
     return p == root or p.startswith(root + os.sep) or p == "/dev/null"
 
 def hook(event, args):
-    if _busy[0]:
+    me = _thread.get_ident()
+    if me in _busy:
         return
-    _busy[0] = True
+    _busy.add(me)
     try:
         if event == "open":
             path, mode, flags = (list(args) + [None, None, None])[:3]
@@ -184,7 +186,7 @@ def hook(event, args):
                 if i < len(args) and not inside(args[i]):
                     raise PermissionError(f"sandbox: {event} on {args[i]!r} outside the sandbox directory is not allowed")
     finally:
-        _busy[0] = False
+        _busy.discard(me)
 
 def report(obj):
     os.write(real_stdout, (nonce + json.dumps(obj) + "\n").encode())
