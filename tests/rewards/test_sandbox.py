@@ -208,3 +208,12 @@ def test_process_limit_caps_forks_and_leftovers_are_killed():
     assert made < 6
     if AS_ROOT:  # the sleeping children did not outlive the run
         assert set(_processes_of(65534)) <= before
+
+
+def test_output_flood_and_early_exit_score_zero_without_errors():
+    flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 1000000)"
+    result = run_python(flood, ["pass"], SandboxLimits(timeout_s=5.0, max_file_mb=4))
+    assert result.report is None and not result.timed_out  # RLIMIT_FSIZE stopped it
+    assert len(result.stdout) <= 65536  # the parent only reads the tail
+    reward, metrics = _score("import os\nos._exit(0)", ["pass"])
+    assert reward == 0.0 and metrics["reward_errors"] == 0 and metrics["reward_timeouts"] == 0
