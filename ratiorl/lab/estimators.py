@@ -98,30 +98,28 @@ def sample_batches(problem: Problem, G: int, K: int, generator: torch.Generator)
 
 @dataclass
 class Draw:
-    """Per-batch gradient estimates of one estimator: ``est`` (K, D), plus per-position ones."""
+    """Per-batch gradient estimates of one estimator: ``est`` (K, D)."""
 
     est: torch.Tensor
-    est_by_position: torch.Tensor | None = None  # (T, K, D) when requested
     seconds: float = 0.0
 
 
-def estimate(
+def token_coefficients(
     problem: Problem,
     spec: EstimatorSpec,
+    idx: torch.Tensor,
     G: int,
-    K: int,
-    generator: torch.Generator,
     loss_fn: LossFn | None = None,
     advantages_fn: Callable | None = None,
-    by_position: bool = False,
-    index: torch.Tensor | None = None,
-) -> Draw:
-    """K independent batch estimates of grad J from ``spec``, computed with one autograd call."""
-    import time
+) -> torch.Tensor:
+    """c (K*G, T) with  g_hat_k = sum_{rows i of batch k, t} c[i,t] * grad_theta log pi(a_t|s_t).
 
-    t0 = time.perf_counter()
-    tree, T = problem.tree, problem.tree.T
-    idx = sample_batches(problem, G, K, generator) if index is None else index
+    Rows k*G..k*G+G-1 of ``idx`` form batch k (group id k). One library call on the stacked
+    batch with num_sequences=G, num_tokens=G*T makes the loss the sum of the K batch losses, so
+    one autograd call gives every batch's d loss / d logp; c = -scale * d loss / d logp because
+    the loss is minimised and we estimate grad J."""
+    T = problem.tree.T
+    K = len(idx) // G
     gid = torch.arange(K).repeat_interleave(G)
     logp = problem.logp[idx].clone().requires_grad_(True)
     old_logp = problem.old_logp[idx]
@@ -132,20 +130,29 @@ def estimate(
         adv = (advantages_fn or library_advantages)(problem.rewards[idx], gid, spec.advantage)
     loss = (loss_fn or library_loss(spec))(logp, old_logp, adv.to(logp.dtype), mask, gid, G, G * T)
     (dlogp,) = torch.autograd.grad(loss, logp)
-    # The loss is minimised: the estimate of grad J is -d loss / d theta (times the scale).
-    coef = -spec.scale_for(T) * dlogp.detach().to(DTYPE)
-    est = scores_to_theta(tree, problem.probs, idx, coef, batch_index=gid, num_batches=K)
-    by_pos = None
-    if by_position:
-        by_pos = torch.stack(
-            [
-                scores_to_theta(
-                    tree, problem.probs, idx, coef * (torch.arange(T) == t), batch_index=gid, num_batches=K
-                ).reshape(K, -1)
-                for t in range(T)
-            ]
-        )
-    return Draw(est=est.reshape(K, -1), est_by_position=by_pos, seconds=time.perf_counter() - t0)
+    return -spec.scale_for(T) * dlogp.detach().to(DTYPE)
+
+
+def estimate(
+    problem: Problem,
+    spec: EstimatorSpec,
+    G: int,
+    K: int,
+    generator: torch.Generator | None,
+    loss_fn: LossFn | None = None,
+    advantages_fn: Callable | None = None,
+    index: torch.Tensor | None = None,
+) -> Draw:
+    """K independent batch estimates of grad J from ``spec`` (one library call, one autograd
+    call, one scatter). ``index`` (K*G,) reuses given samples (common random numbers)."""
+    import time
+
+    t0 = time.perf_counter()
+    idx = sample_batches(problem, G, K, generator) if index is None else index
+    coef = token_coefficients(problem, spec, idx, G, loss_fn, advantages_fn)
+    gid = torch.arange(K).repeat_interleave(G)
+    est = scores_to_theta(problem.tree, problem.probs, idx, coef, batch_index=gid, num_batches=K)
+    return Draw(est=est.reshape(K, -1), seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -216,11 +223,6 @@ def summarize(est: torch.Tensor, truth: torch.Tensor) -> Stats:
     )
 
 
-def position_variances(est_by_position: torch.Tensor) -> list[float]:
-    """Total variance tr(Sigma_t) of the position-t part of the estimate, for each t."""
-    return [float(e.var(0).sum()) for e in est_by_position]
-
-
 def loglog_slope(xs, ys, ses=None) -> tuple[float, float]:
     """Least-squares slope of log y on log x, and its standard error propagated from the
     standard errors of y (delta method: se(log y) = se(y) / y); se is nan without ``ses``."""
@@ -233,3 +235,80 @@ def loglog_slope(xs, ys, ses=None) -> tuple[float, float]:
         return slope, float("nan")
     sl = torch.tensor([s / max(y, 1e-300) for s, y in zip(ses, ys)], dtype=DTYPE)
     return slope, float(torch.sqrt((w * w * sl * sl).sum()))
+
+
+def paired_variance_ratio(est_a: torch.Tensor, est_b: torch.Tensor) -> tuple[float, float]:
+    """tr(Sigma_a) / tr(Sigma_b) for two estimators evaluated on the SAME batches, and its
+    standard error. Pairing (common random numbers) cancels most of the sampling noise:
+    with a_k = ||g^a_k - m^a||^2, b_k likewise, the ratio of means has the delta-method
+    se = r * std(a_k / mean a - b_k / mean b) / sqrt(K)."""
+    a = ((est_a - est_a.mean(0)) ** 2).sum(1)
+    b = ((est_b - est_b.mean(0)) ** 2).sum(1)
+    K = a.shape[0]
+    ma, mb = float(a.mean()), float(b.mean())
+    r = ma / mb
+    se = r * float((a / ma - b / mb).std()) / math.sqrt(K)
+    return r, se
+
+
+@dataclass
+class ExactMoments:
+    """Exact mean and variance of an estimator whose batch estimate is an average of iid
+    per-sequence terms f(y), y ~ pi_old (no coupling inside a group, as with the exact per-token
+    advantages). Then E[g_hat] = E_old[f], tr Cov(g_hat) = tr Cov_old(f) / G."""
+
+    mean: torch.Tensor  # (D,)
+    bias_norm: float
+    variance_one: float  # tr Cov_old(f): the variance of a batch of G is this / G
+    variance_by_position: list  # tr Cov_old(f_t) for each position t
+    cosine: float
+
+    def variance(self, G: int) -> float:
+        return self.variance_one / G
+
+
+SEPARABLE_ADVANTAGES = ("token_exact",)
+
+
+def exact_moments(problem: Problem, spec: EstimatorSpec, loss_fn: LossFn | None = None) -> ExactMoments:
+    """Exact moments by enumeration, still through the library: every sequence is evaluated as
+    its own batch of one (G=1, K=N), which gives the per-sequence term
+
+        f(y) = sum_t c_t(y) (onehot(a_t) - pi(.|s_t))  placed at state s_t,
+
+    then E_old[f] = sum_y pi_old(y) f(y). The T states of one sequence are distinct (one per
+    depth), so the blocks are orthogonal and ||f(y)||^2 = sum_t c_t^2 kappa(s_t, a_t) with
+    kappa(s, a) = ||onehot(a) - pi(.|s)||^2 = 1 - 2 pi(a|s) + sum_b pi(b|s)^2: no dense (N, D)."""
+    if spec.advantage not in SEPARABLE_ADVANTAGES:
+        raise ValueError(
+            f"exact moments need per-sequence terms without group coupling (advantage in "
+            f"{SEPARABLE_ADVANTAGES}); {spec.name!r} uses advantage={spec.advantage!r}: measure it by sampling"
+        )
+    tree, T = problem.tree, problem.tree.T
+    N = tree.num_sequences
+    idx = torch.arange(N)
+    c = token_coefficients(problem, spec, idx, 1, loss_fn)  # (N, T)
+    q = problem.old_seq_probs
+    pi = problem.probs
+    kappa = 1 - 2 * pi[tree.states, tree.tokens] + (pi * pi).sum(-1)[tree.states]  # (N, T)
+    # per-position means in one scatter: "batch" t holds position t's share
+    pos = torch.arange(T).expand(N, T)
+    qc = (q[:, None] * c).reshape(-1)
+    onehot = torch.zeros(T * pi.numel(), dtype=DTYPE)
+    S, V = pi.shape
+    flat_state = (pos * S + tree.states).reshape(-1)
+    onehot.index_add_(0, flat_state * V + tree.tokens.reshape(-1), qc)
+    per_state = torch.zeros(T * S, dtype=DTYPE).index_add_(0, flat_state, qc)
+    mean_t = (onehot.view(T, S, V) - per_state.view(T, S, 1) * pi[None]).reshape(T, -1)  # (T, D)
+    second_t = (q[:, None] * c * c * kappa).sum(0)  # E_old ||f_t||^2
+    var_t = second_t - (mean_t * mean_t).sum(1)
+    mean = mean_t.sum(0)
+    var = float(second_t.sum() - mean @ mean)
+    g = problem.grad.reshape(-1)
+    return ExactMoments(
+        mean=mean,
+        bias_norm=float((mean - g).norm()),
+        variance_one=var,
+        variance_by_position=[float(v) for v in var_t],
+        cosine=float(mean @ g / (mean.norm() * g.norm()).clamp_min(1e-300)),
+    )
