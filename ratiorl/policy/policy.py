@@ -313,6 +313,16 @@ class Policy:
         pmask, cmask = prompt_mask.to(dev).long(), completion_mask.to(dev).long()
         B, Tp = prompt_ids.shape
         Tc = completion_ids.shape[1]
+        V = self.hf_model.get_output_embeddings().weight.shape[0]
+        for name, ids, m in (("prompt_ids", prompt_ids, pmask), ("completion_ids", completion_ids, cmask)):
+            real = ids[m.bool()]
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+                raise ValueError(
+                    f"{name} has token ids out of range [{int(real.min())}, {int(real.max())}] for a vocabulary of {V}"
+                )
+        # Ids under a 0 mask never influence the result; make them valid embedding indices.
+        prompt_ids = prompt_ids.masked_fill(pmask == 0, 0)
+        completion_ids = completion_ids.masked_fill(cmask == 0, 0)
 
         # The last completion token predicts nothing we need, so drop it from the input:
         # hidden state at position Tp-1+j predicts completion token j (j = 0..Tc-1).
