@@ -1,0 +1,129 @@
+"""Atomic checkpoints: a checkpoint directory is either complete or absent.
+
+Layout: ``run_dir/checkpoints/step_000120/`` holding whatever files the trainer hands over
+(``state.pt`` with optimizer, scheduler, RNG states, step and data position; ``model/`` in
+Hugging Face format). Writing goes to a hidden temporary directory next to it, every file is
+fsync'ed, and only then is the directory renamed into place with ``os.replace`` (atomic on POSIX),
+so a crash at any moment leaves either the previous set of checkpoints or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(ckpt_dir: str) -> list:
+    """Complete checkpoints, oldest first, as (step, path)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = _NAME.match(name)
+        if m and os.path.isfile(os.path.join(ckpt_dir, name, "COMPLETE")):
+            out.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(ckpt_dir: str, step: int, write: Callable[[str], None], keep_last: int = 2) -> str:
+    """Call ``write(tmp_dir)`` to fill a fresh directory, then move it to ``step_<step>`` atomically.
+
+    Older checkpoints beyond ``keep_last`` are removed afterwards. Returns the final path.
+    """
+    os.makedirs(ckpt_dir, exist_ok=True)
+    final = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = os.path.join(ckpt_dir, f".tmp_step_{step:06d}_{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(f"{step}\n")
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step (e.g. Ctrl-C right after a save)
+            old = os.path.join(ckpt_dir, f".old_step_{step:06d}_{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _step, path in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    # leftovers of a crash in the middle of an earlier save
+    for name in os.listdir(ckpt_dir):
+        if name.startswith((".tmp_step_", ".old_step_")) and not name.endswith(f"_{os.getpid()}"):
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state(generator: Optional[torch.Generator] = None) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

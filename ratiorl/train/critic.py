@@ -1,0 +1,56 @@
+"""A value model for PPO-style advantages (``gae``): a transformer backbone plus a scalar head.
+
+The critic is a separate copy of the policy's base model (``AutoModel.from_pretrained`` of the
+same checkpoint) with a zero-initialised linear head, so it starts by predicting 0 everywhere.
+``values[i, t]`` is V(s_t), the value of the state *before* completion token t, read from the
+hidden state at the same position the policy uses to predict token t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ValueModel(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        for m in self.backbone.modules():  # RL runs without dropout (as the policy does)
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype=None) -> "ValueModel":
+        from transformers import AutoModel  # noqa: PLC0415
+
+        kw = {} if dtype is None else {"dtype": dtype}
+        backbone = AutoModel.from_pretrained(path, **kw)
+        hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
+        return cls(backbone, hidden).to(device)
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+        """(B, Tc) float32 values, 0 on padding."""
+        Tp = prompt_ids.shape[1]
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)[:, :-1]
+        attn = torch.cat([prompt_mask.long(), completion_mask.long()], 1)[:, :-1]
+        out = self.backbone(input_ids=input_ids, attention_mask=attn, position_ids=_position_ids(attn))
+        h = out.last_hidden_state[:, Tp - 1 :]
+        return self.head(h).squeeze(-1).float() * completion_mask.float()
+
+
+def value_loss(values, old_values, returns, mask, clip: float, num_tokens: float) -> torch.Tensor:
+    """PPO clipped value loss, 0.5 * max((V - R)^2, (V_clip - R)^2), summed over tokens / num_tokens."""
+    m = mask.float()
+    err = (values - returns) ** 2
+    if clip > 0:
+        v_clip = old_values + (values - old_values).clamp(-clip, clip)
+        err = torch.maximum(err, (v_clip - returns) ** 2)
+    return 0.5 * (err * m).sum() / max(float(num_tokens), 1.0)
