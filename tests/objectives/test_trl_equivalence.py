@@ -180,9 +180,17 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
         pick = valid[torch.randperm(len(valid), generator=gen)[: max(2, len(valid) // 8)]]
         sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(len(pick))[: len(pick)]
         delta[pick[:, 0], pick[:, 1]] = 2.5 * spread * sign
+        # and one against each bound: row 0 gets A > 0, row B-1 gets A < 0 below
+        delta[0, 0], delta[B - 1, 0] = 2.5 * spread, -2.5 * spread
     logp = old + delta
     ref = old + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    adv[0], adv[-1] = adv[0].abs() + 0.1, -adv[-1].abs() - 0.1  # both signs on non-empty rows
+    if sequence_level:
+        # the sequences with the largest / smallest mean log-ratio push against the upper / lower bound
+        mean_delta = torch.where(lengths > 0, (delta * mask).sum(1) / lengths.clamp(min=1), torch.nan)
+        hi, lo = int(mean_delta.nan_to_num(-torch.inf).argmax()), int(mean_delta.nan_to_num(torch.inf).argmin())
+        adv[hi], adv[lo] = adv[hi].abs() + 0.1, -adv[lo].abs() - 0.1
     group_ids = torch.arange(B) // G
     return dict(
         logp=logp.to(dtype),
@@ -196,7 +204,8 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
 
 
 def _binding_clip(batch, eps_low, eps_high, sequence_level):
-    """Masks of elements where the clip binds (ratio outside window on the side A pushes to)."""
+    """Masks of elements where the lower / upper clip binds (ratio outside the window on the side
+    the advantage pushes towards), and of the valid elements."""
     m = batch["mask"]
     delta = (batch["logp"] - batch["old"]).double() * m
     if sequence_level:
@@ -207,8 +216,9 @@ def _binding_clip(batch, eps_low, eps_high, sequence_level):
         r = delta.exp()
         a = batch["adv"].double().unsqueeze(1).expand_as(r)
         valid = m
-    binds = ((r > 1 + eps_high) & (a > 0)) | ((r < 1 - eps_low) & (a < 0))
-    return binds & valid, valid
+    high = (r > 1 + eps_high) & (a > 0) & valid
+    low = (r < 1 - eps_low) & (a < 0) & valid
+    return low, high, valid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +279,9 @@ def test_matches_trl(trl, preset, variant, kl, shape):
 
     # The data must exercise the trust region: some elements clipped, some not.
     if pairing.trl["loss_type"] in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        binds, valid = _binding_clip(batch, *_trl_epsilons(pairing), pairing.sequence_level)
-        assert 0 < int(binds.sum()) < int(valid.sum()), "test data does not straddle the clip window"
+        low, high, valid = _binding_clip(batch, *_trl_epsilons(pairing), pairing.sequence_level)
+        assert bool(low.any()) and bool(high.any()), "test data does not reach both clip bounds"
+        assert int((low | high).sum()) < int(valid.sum()), "test data is clipped everywhere"
     elif preset == "cispo":
         r = (batch["logp"] - batch["old"]).double().exp()[batch["mask"]]
         assert bool((r > pairing.trl["epsilon_high"]).any()) and bool((r < pairing.trl["epsilon_high"]).any())
