@@ -133,17 +133,20 @@ class _LeanHeadFn(torch.autograd.Function):
             logp = _target_logits(h, W, b, targets, temperature, cdtype) - lse  # eq. (2)
             entropy = -neg_ent  # eq. (3)
             kl = (neg_ent - cross) if with_kl else None  # eq. (4)
+            # log q(y_n) comes for free from the reference log-sum-exp of the same pass
+            ref_logp = (_target_logits(ref_h, ref_W, ref_b, targets, temperature, cdtype) - lseq) if with_kl else None
         ctx.save_for_backward(h, W, b, targets, ref_h, ref_W, ref_b, lse, entropy,
                               lseq if with_kl else None, kl)
         ctx.temperature = temperature
         ctx.with_kl = with_kl
         ctx.chunks = (vocab_chunk, token_chunk)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(targets)
-        return logp, (entropy if with_entropy else None), kl
+        if ref_logp is not None:
+            ctx.mark_non_differentiable(ref_logp)
+        return logp, (entropy if with_entropy else None), kl, ref_logp
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_kl):
+    def backward(ctx, g_logp, g_ent, g_kl, _g_ref_logp):
         h, W, b, targets, ref_h, ref_W, ref_b, lse, entropy, lseq, kl = ctx.saved_tensors
         T = ctx.temperature
         vocab_chunk, token_chunk = ctx.chunks
@@ -225,6 +228,7 @@ def lean_token_stats(
     with_kl: bool = False,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    return_ref_logp: bool = False,
 ):
     """Per-token log pi(y_n), entropy and exact KL(pi || pi_ref) from hidden states.
 
@@ -240,9 +244,13 @@ def lean_token_stats(
         vocab_chunk, token_chunk: tile sizes; never more than token_chunk x vocab_chunk
             floats of logits exist at once.
 
+        return_ref_logp: with ``with_kl``, also return log pi_ref(y_n) (no gradient), which
+            the KL pass computes anyway.
+
     Returns:
         (logp (N,), entropy (N,) or None, kl (N,) or None) in float32 (float64 if the inputs
-        are float64); differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        are float64); differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. With
+        ``return_ref_logp`` a fourth element, ref_logp (N,).
     """
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -282,10 +290,14 @@ def lean_token_stats(
     else:
         ref_hidden = ref_weight = ref_bias = None
     targets = targets.long()
-    logp, ent, kl = _LeanHeadFn.apply(
+    if return_ref_logp and not with_kl:
+        raise ValueError("return_ref_logp=True needs with_kl=True (and ref_hidden)")
+    logp, ent, kl, ref_logp = _LeanHeadFn.apply(
         hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, float(temperature),
         bool(with_entropy), bool(with_kl), int(vocab_chunk), int(token_chunk),
     )
+    if return_ref_logp:
+        return logp, ent, kl, ref_logp
     return logp, ent, kl
 
 

@@ -244,19 +244,24 @@ class Policy:
         if plain:
             ref_w = ref_head.weight if ref_head is not None else None
             ref_b = ref_head.bias if ref_head is not None else None
-            logp, ent, kl = lean_token_stats(
-                hidden, head.weight, targets, bias=head.bias, temperature=T,
-                ref_hidden=ref_hidden if with_kl else None, ref_weight=ref_w, ref_bias=ref_b,
-                with_entropy=with_entropy, with_kl=with_kl,
-                vocab_chunk=self.vocab_chunk, token_chunk=self.token_chunk,
-            )
-            ref_logp = None
-            if with_ref_logp:
+            chunks = dict(vocab_chunk=self.vocab_chunk, token_chunk=self.token_chunk)
+            if with_kl:
+                # one pass gives logp, entropy, KL and (for free) the reference log-prob
+                logp, ent, kl, ref_logp = lean_token_stats(
+                    hidden, head.weight, targets, bias=head.bias, temperature=T, ref_hidden=ref_hidden,
+                    ref_weight=ref_w, ref_bias=ref_b, with_entropy=with_entropy, with_kl=True,
+                    return_ref_logp=True, **chunks,
+                )
+            else:
+                logp, ent, kl = lean_token_stats(
+                    hidden, head.weight, targets, bias=head.bias, temperature=T, with_entropy=with_entropy, **chunks
+                )
+                ref_logp = None
+            if not with_ref_logp:
+                ref_logp = None
+            elif ref_logp is None:
                 with torch.no_grad():
-                    ref_logp, _, _ = lean_token_stats(
-                        ref_hidden, ref_w, targets, bias=ref_b, temperature=T,
-                        vocab_chunk=self.vocab_chunk, token_chunk=self.token_chunk,
-                    )
+                    ref_logp, _, _ = lean_token_stats(ref_hidden, ref_w, targets, bias=ref_b, temperature=T, **chunks)
             return logp, ent, kl, ref_logp
         # Fallback for heads that are not a plain Linear (LoRA on lm_head, logit soft-capping):
         # full logits, but only on the completion positions.

@@ -137,3 +137,12 @@ def test_errors():
         lean_token_stats(h, W, t, with_kl=True, ref_hidden=ref_h[:4])
     with pytest.raises(ValueError, match="temperature"):
         lean_token_stats(h, W, t, temperature=0.0)
+
+
+def test_ref_logp_from_the_kl_pass():
+    h, W, b, ref_h, ref_W, t, _ = make_inputs(15, 8, 33, seed=7)
+    *_, ref_logp = lean_token_stats(h, W, t, bias=b, temperature=0.8, ref_hidden=ref_h, ref_weight=ref_W,
+                                    with_kl=True, return_ref_logp=True, vocab_chunk=10, token_chunk=4)
+    expected, _, _ = naive_token_stats(ref_h.double(), ref_W.double(), t, temperature=0.8)
+    assert not ref_logp.requires_grad
+    torch.testing.assert_close(ref_logp.double(), expected, rtol=1e-5, atol=1e-5)
