@@ -49,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--only", default="", help="comma-separated presets to time (grpo is always included)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +57,8 @@ def main(argv=None):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     d = make_inputs(args.B, args.T, dev)
     names = ratiorl.available_objectives()
+    if args.only:
+        names = sorted(set(args.only.split(",")) | {"grpo"})
     objs = {n: ratiorl.objective(n) for n in names}
     for obj in objs.values():  # warm-up
         for _ in range(3):

@@ -265,12 +265,13 @@ class Objective:
         m = info.mask if level == "token" else info.seq_valid.to(info.mask.dtype)
         n = m.sum().clamp_min(1.0)
         xm = xv * m
-        s1 = xm.sum()
-        zero = s1.new_zeros(())
+        zero = xm.new_zeros(())
+        wmax = xm.max() if xm.numel() else zero
+        xn = xm * (1.0 / wmax.clamp_min(1e-30))  # scaled to <= 1: sum of squares cannot overflow
+        s1n = xn.sum()
         low = (shaped.clipped_low * m).sum() if shaped.clipped_low is not None else zero
         high = (shaped.clipped_high * m).sum() if shaped.clipped_high is not None else zero
-        vals = [low / n, high / n, s1 / n, xm.max() if xm.numel() else zero,
-                s1 * s1 / (n * (xm * xv).sum()).clamp_min(1e-30)]
+        vals = [low / n, high / n, s1n * wmax / n, wmax, s1n * s1n / (n * (xn * xn).sum()).clamp_min(1e-30)]
         keys = ["clip_frac_low", "clip_frac_high", "weight_mean", "weight_max", "ess"]
         if shaped.clipped_dual is not None:
             vals.append((shaped.clipped_dual * m).sum() / n)

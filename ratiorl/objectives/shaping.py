@@ -12,7 +12,9 @@ clips). ``requires_token_level=True`` marks shapings that only make sense per to
 
 The gradient-weight family (``shaping="weighted"``, DGPO eq. 1) is
 L = -A * (sg(v) + sg(F) * (logp - sg(logp))): value v, gradient F * A * grad logp. Its rules
-(``RULES``) are ``rule(r, A, l, u, regions, obj) -> F`` with the five regions of DGPO sec. 3.
+(``RULES``) are ``rule(r, A, l, u, regions, obj) -> F`` with the five regions of DGPO sec. 3
+(``Regions``: lazily computed boolean masks ``LN, HP, LP, HN``, the clipped value ``v``, and
+``pos``/``neg`` = A > 0 / A < 0); ``l`` = 0 and ``u`` = inf when a bound is absent.
 """
 
 from __future__ import annotations
@@ -41,11 +43,27 @@ def _bounds(obj):
     return lo, hi
 
 
-def _clip_regions(x, A, lo, hi):
-    # PPO/TRL clip metrics: the clamp is active (chosen by the min) only when it lowers the objective
-    low = (x < lo) & (A < 0) if lo is not None else None
-    high = (x > hi) & (A > 0) if hi is not None else None
-    return low, high
+_INF = float("inf")
+
+
+def _full(A, v):
+    return A.new_full((), v)
+
+
+def _clip_bounds(A, obj, dual=None):
+    """Per-element bounds (lower, upper) on the weight, shaped like A (usually (B, 1): cheap).
+
+    PPO's -min(x A, clamp(x, l, u) A) equals -A * clamp(x, lower, upper) with
+    (lower, upper) = (-inf, u) for A > 0 and (l, inf) for A < 0 -- or (l, c) with the dual clip,
+    since min(-A max(x, l), -c A) = -A min(max(x, l), c). One clamp instead of two products and a
+    max; the gradient is the same (zero exactly where the PPO objective is flat).
+    """
+    lo, hi = _bounds(obj)
+    neg, pos = A < 0, A > 0
+    lower = torch.where(neg, _full(A, -_INF if lo is None else lo), _full(A, -_INF))
+    upper_neg = _full(A, _INF if dual is None else dual)
+    upper = torch.where(pos, _full(A, _INF if hi is None else hi), upper_neg)
+    return lower, upper, neg, pos
 
 
 @SHAPINGS.register("none")
@@ -57,42 +75,41 @@ def none(x, A, w, info, obj):
 @SHAPINGS.register("clip")
 def clip(x, A, w, info, obj):
     # PPO clipped surrogate: L = -min(x A, clamp(x, l, u) A)   (tutorial sec. 5.3; GRPO; GSPO; SNIB Alg. 1 line 10)
-    lo, hi = _bounds(obj)
-    xc = x.clamp(min=lo, max=hi)
-    loss = torch.maximum(-x * A, -xc * A)
-    with torch.no_grad():
-        low, high = _clip_regions(x, A, lo, hi)
+    # computed as -A * clamp(x, lower(A), upper(A)), see _clip_bounds.
+    lower, upper, _, _ = _clip_bounds(A, obj)
+    loss = -A * torch.clamp(x, min=lower, max=upper)
+    with torch.no_grad():  # PPO/TRL metrics: the bound is active and lowers the objective
+        low, high = x < lower, x > upper
     return Shaped(loss, low, high)
 
 
 @SHAPINGS.register("dual_clip")
 def dual_clip(x, A, w, info, obj):
-    # PPO dual clip (Ye et al. 2020): for A < 0 also cap the loss at -c * A
-    shaped = clip(x, A, w, info, obj)
-    c = obj.dual_clip
-    loss = torch.where(A < 0, torch.minimum(shaped.loss, -c * A), shaped.loss)
+    # PPO dual clip (Ye et al. 2020): as clip, then for A < 0 also min(L, -c A): -A * clamp(x, l, c) for A < 0
+    lower, upper, neg, pos = _clip_bounds(A, obj, dual=obj.dual_clip)
+    loss = -A * torch.clamp(x, min=lower, max=upper)
     with torch.no_grad():
-        dual = (A < 0) & (x > c)
-    return Shaped(loss, shaped.clipped_low, shaped.clipped_high, dual)
+        above = x > upper
+        low, high, dual = x < lower, above & pos, above & neg
+    return Shaped(loss, low, high, dual)
 
 
 @SHAPINGS.register("position_clip", requires_token_level=True)
 def position_clip(x, A, w, info, obj):
-    # CTPO sec. 3.3: log-space bounds growing like pos_t^p, lo_t = a * pos^p, hi_t = b * pos^p;
+    # CTPO sec. 3.3: log-space bounds growing like pos_t^p: lo_t = a pos^p, hi_t = b pos^p, c_t = c pos^p;
     # x~ = exp(clamp(log x, -lo_t, hi_t)); L = max(-x A, -x~ A); for A < 0: min(L, -A exp(c_t)).
+    # Same value and gradient, one clamp: L = -A exp(clamp(log x, lower_t, upper_t)) with
+    # (lower_t, upper_t) = (-inf, hi_t) for A > 0 and (-lo_t, c_t) for A < 0.
     pp = info.pos.pow(obj.pos_power)
-    lo_t = obj.pos_clip_low * pp
-    hi_t = obj.pos_clip_high * pp
-    c_t = obj.pos_dual_clip * pp
-    x_clip = torch.exp(torch.clamp(w.log_w, min=-lo_t, max=hi_t))
-    loss = torch.maximum(-x * A, -x_clip * A)
-    neg = A < 0
-    loss = torch.where(neg, torch.minimum(loss, -A * torch.exp(c_t)), loss)
+    big = 1e30  # a finite "infinity": it multiplies pp, which is 0 before a row's first token
+    neg, pos = A < 0, A > 0
+    lower = torch.where(neg, _full(A, -obj.pos_clip_low), _full(A, -big)) * pp
+    upper = torch.where(neg, _full(A, obj.pos_dual_clip), torch.where(pos, _full(A, obj.pos_clip_high), _full(A, big))) * pp
+    lw = w.log_w
+    loss = -A * torch.exp(torch.clamp(lw, min=lower, max=upper))
     with torch.no_grad():
-        lw = w.log_w
-        low = (lw < -lo_t) & neg
-        high = (lw > hi_t) & (A > 0)
-        dual = neg & (lw > c_t)
+        above = lw > upper
+        low, high, dual = lw < lower, above & pos, above & neg
     return Shaped(loss, low, high, dual)
 
 
@@ -104,27 +121,55 @@ def gate(x, A, w, info, obj):
     return Shaped(-(4.0 / tau) * torch.sigmoid(tau * (x - 1.0)) * A)
 
 
+class Regions:
+    """The five regions of DGPO sec. 3 (Table 1), computed lazily (a rule pays only for the ones it
+    reads): LN r<l,A<0; HP r>u,A>0; LP r<l,A>0; HN r>u,A<0; M the rest. ``v`` is the clipped value
+    clamp(r, l, u) on LN/HP and r elsewhere; ``pos``/``neg`` are A>0 / A<0."""
+
+    def __init__(self, r, A, lo, hi, lower, upper, neg, pos):
+        self.r, self.A, self.lo, self.hi = r, A, lo, hi
+        self.lower, self.upper, self.neg, self.pos = lower, upper, neg, pos
+        self.v = r.clamp(min=lower, max=upper)
+        self._cache = {}
+
+    def _get(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def LN(self):
+        return self._get("LN", lambda: self.r < self.lower)
+
+    @property
+    def HP(self):
+        return self._get("HP", lambda: self.r > self.upper)
+
+    @property
+    def LP(self):
+        return self._get("LP", lambda: (self.r < self.lo) & self.pos if self.lo is not None else self.r < -1.0)
+
+    @property
+    def HN(self):
+        return self._get("HN", lambda: (self.r > self.hi) & self.neg if self.hi is not None else self.r < -1.0)
+
+
 @SHAPINGS.register("weighted")
 def weighted(x, A, w, info, obj):
-    # DGPO eq. 1 (gradient-weight view): L = -A (sg(v) + sg(F) (logp - sg(logp)));
-    # regions (DGPO sec. 3): LN r<l,A<0; HP r>u,A>0; LP r<l,A>0; HN r>u,A<0; M the rest.
+    # DGPO eq. 1 (gradient-weight view): L = -A (sg(v) + sg(F) (logp - sg(logp))), value v, gradient F A grad logp;
+    # regions of DGPO sec. 3 (see Regions); v = clamp(r, l, u) on LN/HP, r elsewhere.
     rule = RULES.lookup(obj.rule)
     lo, hi = _bounds(obj)
+    lower, upper, neg, pos = _clip_bounds(A, obj)
     with torch.no_grad():
-        r = x.detach()
-        pos, neg = A > 0, A < 0
-        below = r < lo if lo is not None else torch.zeros_like(r, dtype=torch.bool)
-        above = r > hi if hi is not None else torch.zeros_like(r, dtype=torch.bool)
-        regions = {"LN": below & neg, "HP": above & pos, "LP": below & pos, "HN": above & neg, "pos": pos}
+        reg = Regions(x.detach(), A, lo, hi, lower, upper, neg, pos)
         l = 0.0 if lo is None else lo  # an absent bound makes its regions empty
-        u = float("inf") if hi is None else hi
-        clipped = regions["LN"] | regions["HP"]
-        v = torch.where(clipped, r.clamp(min=l, max=u), r)
-        F = rule(r, A, l, u, regions, obj)
-        F = torch.broadcast_to(F, r.shape)
+        u = _INF if hi is None else hi
+        F = torch.broadcast_to(rule(reg.r, A, l, u, reg, obj), reg.r.shape)
+        low, high = reg.LN, reg.HP
     lp = w.logp_term
-    loss = -A * (v + F * (lp - lp.detach()))
-    return Shaped(loss, regions["LN"], regions["HP"])
+    loss = -A * (reg.v + F * (lp - lp.detach()))
+    return Shaped(loss, low, high)
 
 
 # ---- rules of the gradient-weight family (SPEC section 3 table; F multiplies A * grad logp) ----
@@ -133,7 +178,7 @@ def weighted(x, A, w, info, obj):
 @RULES.register("hard")
 def rule_hard(r, A, l, u, reg, obj):
     # GRPO written in this family: zero gradient where the clip is active (DGPO eq. 2)
-    return torch.where(reg["LN"] | reg["HP"], 0.0, r)
+    return torch.where(reg.LN | reg.HP, 0.0, r)
 
 
 @RULES.register("cispo")
@@ -144,37 +189,41 @@ def rule_cispo(r, A, l, u, reg, obj):
 
 @RULES.register("gppo")
 def rule_gppo(r, A, l, u, reg, obj):
-    # GPPO: keep the gradient of clipped tokens with the bound as weight (DGPO eq. 4)
-    F = torch.where(reg["LN"], l, r)
-    return torch.where(reg["HP"], u, F)
+    # GPPO: keep the gradient of clipped tokens with the bound as weight (DGPO eq. 4):
+    # l on LN, u on HP, r elsewhere -- which is exactly the clipped value v
+    return reg.v
 
 
 @RULES.register("ce_gppo")
 def rule_ce_gppo(r, A, l, u, reg, obj):
     # CE-GPPO: GPPO with scaled bounds beta1 * l on LN, beta2 * u on HP (DGPO eq. 5)
-    F = torch.where(reg["LN"], obj.beta1 * l, r)
-    return torch.where(reg["HP"], obj.beta2 * u, F)
+    F = torch.where(reg.LN, obj.beta1 * l, r)
+    return torch.where(reg.HP, obj.beta2 * u, F)
 
 
 @RULES.register("aspo")
 def rule_aspo(r, A, l, u, reg, obj):
     # ASPO as tabulated in DGPO eq. 6 -- OUR READING of a table whose symbols were lost in
     # extraction: flipped ratio 1/r for positive tokens, soft dual clip at 1 + aspo_clip_high.
+    # LN, HP: 0; LP: min(1/r, 1 + c_high), or 1 - c_low where r < 1 - c_low; HN: min(r, 1 + c_high);
+    # M: 1/r if A > 0, r if A < 0.
     lo_a, hi_a = 1.0 - obj.aspo_clip_low, 1.0 + obj.aspo_clip_high
-    F = torch.where(reg["pos"], 1.0 / r, r)  # M
-    lp = torch.where(r < lo_a, lo_a, torch.clamp(1.0 / r, max=hi_a))
-    F = torch.where(reg["LP"], lp, F)
-    F = torch.where(reg["HN"], torch.clamp(r, max=hi_a), F)
-    return torch.where(reg["LN"] | reg["HP"], 0.0, F)
+    inv = r.reciprocal()
+    F = torch.where(reg.pos, inv, r)  # M
+    lp = torch.where(r < lo_a, lo_a, inv.clamp_(max=hi_a))
+    F = torch.where(reg.LP, lp, F)
+    F = torch.where(reg.HN, r.clamp(max=hi_a), F)
+    return torch.where(reg.LN | reg.HP, 0.0, F)
 
 
 @RULES.register("dgpo")
 def rule_dgpo(r, A, l, u, reg, obj):
-    # DGPO eq. 9-10 on grad logp: LN F = r^(n+1) / l^n, HP F = u^(1/m) r^(1-1/m);
+    # DGPO eq. 9-10 on grad logp: LN F = r^(n+1) / l^n, HP F = u^(1/m) r^(1-1/m), r elsewhere;
     # continuous at r = l and r = u, never zero (decoupled decay of the probability gradient).
-    n, m = obj.n, obj.m
-    F = torch.where(reg["LN"], r.pow(n + 1) / (l**n), r)
-    return torch.where(reg["HP"], (u ** (1.0 / m)) * r.pow(1.0 - 1.0 / m), F)
+    # With q = r / v (r/l on LN, r/u on HP, 1 elsewhere): F = r q^n on LN, r q^(-1/m) on HP, and
+    # since LN needs A < 0 and HP needs A > 0 the exponent is one number per sign of A.
+    e = torch.where(reg.neg, A.new_full((), float(obj.n)), A.new_full((), -1.0 / obj.m))
+    return r * torch.pow(r / reg.v, e)
 
 
-__all__ = ["SHAPINGS", "RULES", "Shaped"]
+__all__ = ["SHAPINGS", "RULES", "Shaped", "Regions"]

@@ -11,11 +11,13 @@ token-level weights, u_i = sum_t delta_t for sequence-level ones), used by the
 gradient-weight family of ``shaping.py``.
 
 Overflow guard (SPEC section 7): the per-token clamp alone does not bound a *sum* of log-ratios
-(8192 tokens x 0.5 = 4096, and exp(4096) = inf). Every weight whose log is an unnormalised sum
-of log-ratios (``sequence``, ``sequence_token``, ``cumulative``) clamps that summed log weight
-to [-obj.max_log_weight, obj.max_log_weight] (default 20, i.e. weights in
+(8192 tokens x 0.5 = 4096, and exp(4096) = inf). The weights whose log is an unnormalised sum
+of log-ratios over a whole sequence (``sequence``, ``sequence_token``) clamp that summed log
+weight to [-obj.max_log_weight, obj.max_log_weight] (default 20, i.e. weights in
 [2e-9, 4.9e8]) with ``torch.clamp``: beyond the bound the weight saturates and, like a clipped
-token, passes no gradient. ``geometric`` is a mean of clamped log-ratios and needs no guard;
+token, passes no gradient. ``cumulative`` clamps its detached prefix sum S_{t-1} to the same
+bound and adds the current (clamped) token log-ratio, so rho_t <= exp(max_log_weight +
+log_ratio_clamp) and every token keeps its own gradient (a truncated prefix weight). ``geometric`` is a mean of clamped log-ratios and needs no guard;
 the self-normalised weights stay in log space (logsumexp) and are bounded by the group size.
 """
 
@@ -80,9 +82,10 @@ def sequence_token(delta, info, obj):
 def cumulative(delta, info, obj):
     # CTPO Prop. 1: rho_t = prod_{k<=t} r_k = exp(sg(S_{t-1}) + delta_t), S_t = sum_{k<=t} delta_k;
     # per-decision IS, the gradient at t flows through logp_t only.
-    prefix = (torch.cumsum(delta, dim=1) - delta).detach()  # S_{t-1}
-    log_rho = (prefix + delta).clamp(-obj.max_log_weight, obj.max_log_weight)
-    return Weight(log_rho, "token", delta)
+    # Overflow guard: the (detached) prefix S_{t-1} is clamped to +-max_log_weight, so
+    # |log rho_t| <= max_log_weight + log_ratio_clamp and the current token keeps its gradient.
+    prefix = (torch.cumsum(delta, dim=1) - delta).detach().clamp_(-obj.max_log_weight, obj.max_log_weight)
+    return Weight(prefix + delta, "token", delta)
 
 
 def _log_group_mean_exp(u, info, obj, detach_norm: bool):
