@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .sft import SFTConfig
+
 DEFAULT_MODEL_PATH = "runs/tiny-sft"  # what `ratiorl sft` writes; auto-created when missing
 
 
@@ -162,6 +164,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # how `model.auto_create` / `ratiorl sft` build the model
 
 
 # ----------------------------------------------------------------------------- coercion
@@ -296,7 +299,8 @@ def _flatten(d: dict, prefix: str = "") -> list:
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("options", "advantage_options", "overrides"):
+        if isinstance(v, dict) and k not in ("options", "advantage_options", "overrides", "task_options",
+                                             "model_sizes"):
             out.extend(_flatten(v, key + "."))
         else:
             out.append((key, v))

@@ -130,11 +130,11 @@ def ensure_model(cfg: TrainConfig, console=None) -> str:
         return path
     looks_local = path.startswith((".", "/", "runs")) or os.sep in path and not path.count("/") == 1
     if cfg.model.auto_create and (path == DEFAULT_MODEL_PATH or looks_local):
-        from .sft import SFTConfig, run_sft  # noqa: PLC0415
+        from .sft import run_sft  # noqa: PLC0415
 
         if console is not None:
             console.print(f"[yellow]model {path} not found: creating the tiny default model (ratiorl sft)[/]")
-        run_sft(path, SFTConfig())
+        run_sft(path, cfg.sft)
         return path
     return path  # a hub name: from_pretrained will say if it cannot be found
 
@@ -486,6 +486,28 @@ class Trainer:
             metrics["value_loss"] = float(vloss.detach())
         return loss, metrics, stats
 
+    def backward_minibatch(self, roll: dict, groups: list, n_micro: int, num_tokens: float,
+                           num_sequences: float) -> tuple:
+        """Accumulate the gradient of the groups `groups` in `n_micro` micro-batches (group boundaries).
+
+        With the same global `num_tokens` / `num_sequences`, the accumulated gradient does not depend
+        on `n_micro`, and summing it over disjoint group sets gives the gradient of their union.
+        """
+        G = self.cfg.rollout.num_generations
+        chunks = torch.tensor_split(torch.tensor(groups), min(n_micro, len(groups)))
+        loss_total, metrics_list, weights = 0.0, [], []
+        first_stats = first_rows = None
+        for chunk in chunks:
+            rows = [g * G + j for g in chunk.tolist() for j in range(G)]
+            loss, metrics, stats = self.micro_batch_loss(roll, rows, num_tokens, num_sequences)
+            loss.backward()
+            loss_total += float(loss.detach())
+            metrics_list.append(metrics)
+            weights.append(len(rows))
+            if first_stats is None:
+                first_stats, first_rows = stats, rows
+        return loss_total, metrics_list, weights, first_stats, first_rows
+
     # ------------------------------------------------------------------ the step
 
     def step(self) -> dict:
@@ -518,17 +540,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.critic_opt is not None:
                     self.critic_opt.zero_grad(set_to_none=True)
-                chunks = torch.tensor_split(torch.tensor(mb_groups), min(cfg.train.grad_accum, len(mb_groups)))
-                loss_total = 0.0
-                for chunk in chunks:
-                    rows = [g * G + j for g in chunk.tolist() for j in range(G)]
-                    loss, metrics, stats = self.micro_batch_loss(roll, rows, num_tokens, num_sequences)
-                    loss.backward()
-                    loss_total += float(loss.detach())
-                    micro_metrics.append(metrics)
-                    micro_weights.append(len(rows))
-                    if self._diag is not None and not diag_scalars:
-                        diag_scalars = self._diagnostic_scalars(roll, rows, stats)
+                loss_total, mm, mw, stats0, rows0 = self.backward_minibatch(
+                    roll, mb_groups, cfg.train.grad_accum, num_tokens, num_sequences)
+                micro_metrics += mm
+                micro_weights += mw
+                if self._diag is not None and not diag_scalars:
+                    diag_scalars = self._diagnostic_scalars(roll, rows0, stats0)
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 finite = math.isfinite(grad_norm)
@@ -606,31 +623,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """avg@k and pass@k (sampling at eval temperature) and greedy accuracy on the eval split.
+        """avg@k and pass@k (sampling at the eval temperature) and greedy accuracy on the eval split."""
+        from .evaluate import evaluate_engine  # noqa: PLC0415
 
-        Uses its own generator seeded from the run seed, so evaluating never changes the training
-        sampling stream, and the same weights always get the same eval numbers.
-        """
         cfg, e = self.cfg, self.cfg.eval
-        examples = self.task.eval[: e.num_prompts]
-        prompts, answers = [x["prompt"] for x in examples], [x["answer"] for x in examples]
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature
-        gen = torch.Generator().manual_seed(cfg.seed + 7919)
-        t0 = time.perf_counter()
-        b = self.eval_engine.generate(prompts, e.k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                      temperature=temp, top_p=cfg.rollout.top_p, generator=gen)
-        ok = torch.tensor([float(self.task.check(t, answers[i]))
-                           for t, i in zip(b.completion_texts, b.prompt_index.tolist())]).view(len(prompts), e.k)
-        out = {"eval/avg@k": float(ok.mean()), "eval/pass@k": float(ok.max(1).values.mean()),
-               "eval/k": float(e.k), "eval/temperature": float(temp),
-               "eval/length": float(b.completion_mask.sum(1).float().mean())}
-        if e.greedy:
-            g = self.eval_engine.generate(prompts, 1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
-            out["eval/greedy_acc"] = _mean([float(self.task.check(t, a)) for t, a in zip(g.completion_texts, answers)])
-        out["time/eval"] = time.perf_counter() - t0
-        return out
+        return evaluate_engine(self.eval_engine, self.task.eval[: e.num_prompts], self.task.check, k=e.k,
+                               temperature=temp, top_p=cfg.rollout.top_p,
+                               max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, greedy=e.greedy)
 
     # ------------------------------------------------------------------ checkpoints
 

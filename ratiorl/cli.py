@@ -1,0 +1,202 @@
+"""`ratiorl` command line: a thin layer over ratiorl.train, ratiorl.lab and ratiorl.report.
+
+    ratiorl sft [--out DIR]                         tiny default model, warm-started on addition
+    ratiorl train --config examples/snib.yaml [--objective.beta 0.05 ...] [--resume]
+    ratiorl eval --model DIR --task addition [--k 4]
+    ratiorl demo [--out DIR]                        SFT then RL with snib; accuracy before/after
+    ratiorl lab [--out DIR]                         exact-gradient estimator study
+    ratiorl compare RUN_DIR... --out PNG            learning curves of several runs in one figure
+    ratiorl report RUN_DIR                          markdown + HTML summary of a run
+    ratiorl objectives                              the objective presets
+
+User errors (bad config keys or values, missing files, unknown names) print one line and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _console():
+    from rich.console import Console  # noqa: PLC0415
+
+    return Console(stderr=True)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_sft(args, extra):
+    from ratiorl.train.config import DEFAULT_MODEL_PATH, load_config  # noqa: PLC0415
+    from ratiorl.train.sft import run_sft  # noqa: PLC0415
+
+    # the `sft:` section of a config (default: the built-in defaults) plus --sft.key overrides
+    overrides = [a if not a.startswith("--") or a.startswith("--sft.") else "--sft." + a[2:] for a in extra]
+    cfg = load_config(args.config, overrides)
+    out = args.out or DEFAULT_MODEL_PATH
+    console = _console()
+    console.print(f"SFT of the tiny model on {cfg.sft.task} for {cfg.sft.steps} steps -> {out}")
+    every = max(1, cfg.sft.steps // 10)
+    res = run_sft(out, cfg.sft, progress=lambda s, n, loss: console.print(f"  step {s}/{n} loss {loss:.3f}")
+                  if s % every == 0 else None)
+    print(json.dumps(res))
+
+
+def cmd_train(args, extra):
+    from ratiorl.train import load_config, train  # noqa: PLC0415
+
+    cfg = load_config(args.config, extra)
+    summary = train(cfg, resume=args.resume, console=_console())
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args, extra):
+    from ratiorl.train.evaluate import evaluate_model  # noqa: PLC0415
+
+    if extra:
+        raise ValueError(f"unknown arguments for eval: {' '.join(extra)}")
+    out = evaluate_model(args.model, args.task, k=args.k, num_prompts=args.num_prompts,
+                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         device=args.device)
+    print(json.dumps(out, indent=2))
+
+
+def cmd_demo(args, extra):
+    from ratiorl.train.demo import run_demo  # noqa: PLC0415
+
+    s = run_demo(args.out, config_path=args.config, overrides=extra, console=_console())
+    print(json.dumps(s, indent=2))
+    print(f"\n{s['eval_metric']}")
+    print(f"eval accuracy before RL (after SFT): {s['eval_accuracy_before']:.3f}")
+    print(f"eval accuracy after RL ({s['objective']}, {s['steps']} steps): {s['eval_accuracy_after']:.3f} "
+          f"({s['eval_accuracy_gain_points']:+.1f} points)")
+    print(f"greedy accuracy: {s['greedy_accuracy_before']:.3f} -> {s['greedy_accuracy_after']:.3f}")
+    print(f"wall time: {s['wall_seconds']:.0f} s (SFT {s['sft_seconds']:.0f} s, RL {s['rl_seconds']:.0f} s)")
+
+
+def cmd_lab(args, extra):
+    from ratiorl.lab import run_lab  # noqa: PLC0415
+    from ratiorl.train.config import _parse_scalar, parse_overrides  # noqa: PLC0415
+
+    kw = {k: _parse_scalar(v) for k, v in parse_overrides(extra)}
+    out = run_lab(args.out, seed=args.seed, quick=args.quick, **kw)
+    brief = {k: v for k, v in out.items() if k not in ("rows",)}
+    print(json.dumps(brief, indent=2, default=str))
+
+
+def cmd_compare(args, extra):
+    from ratiorl.report.plots import compare_runs  # noqa: PLC0415
+
+    if extra:
+        raise ValueError(f"unknown arguments for compare: {' '.join(extra)}")
+    path = compare_runs(args.runs, args.out)
+    print(path)
+
+
+def cmd_report(args, extra):
+    from ratiorl.report.html import write_report  # noqa: PLC0415
+
+    if extra:
+        raise ValueError(f"unknown arguments for report: {' '.join(extra)}")
+    paths = write_report(args.run, args.out)
+    print("\n".join(paths))
+
+
+def cmd_objectives(args, extra):
+    from rich.table import Table  # noqa: PLC0415
+
+    import ratiorl  # noqa: PLC0415
+    from ratiorl.objectives import PRESETS  # noqa: PLC0415
+
+    table = Table(title="objective presets (ratiorl.objective(name, **overrides))")
+    for col in ("name", "weight", "shaping", "aggregation", "advantage", "KL", "source"):
+        table.add_column(col)
+    for name in ratiorl.available_objectives():
+        o = ratiorl.objective(name)
+        shaping = o.shaping + (f"/{o.rule}" if o.shaping == "weighted" else "")
+        if o.shaping in ("clip", "dual_clip") or o.shaping == "weighted":
+            shaping += f" {o.clip_low}/{o.clip_high}"
+        kl = f"{o.beta} {o.kl_estimator} {o.kl_placement}" if o.beta > 0 else "0"
+        src = getattr(PRESETS[name], "source", "") if name in PRESETS else ""
+        table.add_row(name, o.weight, shaping, o.aggregation, o.advantage, kl, src)
+    from rich.console import Console  # noqa: PLC0415
+
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratiorl", description="RL post-training of LMs with principled importance sampling")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("sft", help="create the tiny default model and warm-start it with SFT", allow_abbrev=False)
+    s.add_argument("--out", default=None, help="output folder (default runs/tiny-sft)")
+    s.add_argument("--config", default=None, help="YAML whose `sft:` section to use (e.g. examples/demo.yaml)")
+    s.set_defaults(fn=cmd_sft)
+
+    s = sub.add_parser("train", help="RL training from a YAML config plus --section.key value overrides", allow_abbrev=False)
+    s.add_argument("--config", default=None, help="YAML config (examples/*.yaml)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="avg@k / pass@k / greedy accuracy of a saved model", allow_abbrev=False)
+    s.add_argument("--model", required=True)
+    s.add_argument("--task", default="addition")
+    s.add_argument("--k", type=int, default=4)
+    s.add_argument("--num-prompts", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("demo", help="SFT warm start then RL with snib on addition (a few minutes on CPU)", allow_abbrev=False)
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--config", default=None, help="default: examples/demo.yaml")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("lab", help="exact-gradient estimator study (bias, variance, MSE)", allow_abbrev=False)
+    s.add_argument("--out", default="runs/lab")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quick", action="store_true", help="small sweeps (smoke run)")
+    s.set_defaults(fn=cmd_lab)
+
+    s = sub.add_parser("compare", help="learning curves of several run folders in one PNG", allow_abbrev=False)
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--out", default="compare.png")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("report", help="markdown + HTML summary of a run folder", allow_abbrev=False)
+    s.add_argument("run")
+    s.add_argument("--out", default=None, help="folder for report.md/report.html (default: the run folder)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("objectives", help="print the objective presets", allow_abbrev=False)
+    s.set_defaults(fn=cmd_objectives)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        args.fn(args, extra)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ratiorl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ratiorl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
