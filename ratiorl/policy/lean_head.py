@@ -42,11 +42,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _tile_logits(h, W, b, v0, v1, temperature, cdtype):
-    """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), in cdtype."""
-    z = h @ W[v0:v1].T
+    """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), in cdtype.
+
+    ``h`` is already in cdtype; low-precision weights are upcast per chunk so that bf16/fp16
+    models get float32 logits (not logits rounded to 8 mantissa bits).
+    """
+    z = h @ W[v0:v1].to(cdtype).T
     if b is not None:
-        z = z + b[v0:v1]
-    z = z.to(cdtype)
+        z = z + b[v0:v1].to(cdtype)
     if temperature != 1.0:
         z = z / temperature
     return z
@@ -79,8 +82,8 @@ def _forward_stats(h, W, b, ref_h, ref_W, ref_b, temperature, with_ref, vocab_ch
 
     for n0 in range(0, N, token_chunk):
         n1 = min(N, n0 + token_chunk)
-        hc = h[n0:n1]
-        rc = ref_h[n0:n1] if with_ref else None
+        hc = h[n0:n1].to(cdtype)
+        rc = ref_h[n0:n1].to(cdtype) if with_ref else None
         m = s = a = mq = sq = c = None
         for v0 in range(0, V, vocab_chunk):
             v1 = min(V, v0 + vocab_chunk)
@@ -177,14 +180,14 @@ class _LeanHeadFn(torch.autograd.Function):
         #   coef_v = -g_logp - g_ent (log p_v + H) + g_kl (log p_v - log q_v - KL).
         for n0 in range(0, N, token_chunk):
             n1 = min(N, n0 + token_chunk)
-            hc = h[n0:n1]
+            hc = h[n0:n1].to(cdtype)
             lse_c = lse[n0:n1, None]
             H_c = entropy[n0:n1, None]
             gl_c = gl[n0:n1, None] if gl is not None else None
             ge_c = ge[n0:n1, None] if ge is not None else None
             gk_c = gk[n0:n1, None] if gk is not None else None
             if gk is not None:
-                rc, lseq_c, kl_c = ref_h[n0:n1], lseq[n0:n1, None], kl[n0:n1, None]
+                rc, lseq_c, kl_c = ref_h[n0:n1].to(cdtype), lseq[n0:n1, None], kl[n0:n1, None]
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
                 logp_v = _tile_logits(hc, W, b, v0, v1, T, cdtype).sub_(lse_c)  # log p_v
@@ -201,7 +204,7 @@ class _LeanHeadFn(torch.autograd.Function):
                 if need_h:
                     grad_h[n0:n1] += dz @ W[v0:v1].to(cdtype)
                 if need_W:
-                    grad_W[v0:v1] += (dz.T @ hc.to(cdtype))
+                    grad_W[v0:v1] += dz.T @ hc
                 if need_b:
                     grad_b[v0:v1] += dz.sum(0)
                 del dz

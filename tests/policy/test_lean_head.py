@@ -146,3 +146,18 @@ def test_ref_logp_from_the_kl_pass():
     expected, _, _ = naive_token_stats(ref_h.double(), ref_W.double(), t, temperature=0.8)
     assert not ref_logp.requires_grad
     torch.testing.assert_close(ref_logp.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    h, W, b, ref_h, ref_W, t, up = make_inputs(24, 16, 40, seed=8)
+    hb, Wb = h.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
+    out = lean_token_stats(hb, Wb, t, ref_hidden=ref_h.bfloat16(), ref_weight=ref_W.bfloat16(),
+                           with_entropy=True, with_kl=True, vocab_chunk=9, token_chunk=7)
+    # reference: the same bf16 values, exact arithmetic
+    ref = naive_token_stats(hb.detach().double(), Wb.detach().double(), t, ref_hidden=ref_h.bfloat16().double(),
+                            ref_weight=ref_W.bfloat16().double(), with_entropy=True, with_kl=True)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
+    gh, gW = torch.autograd.grad(sum((o.double() * u).sum() for o, u in zip(out, up)), [hb, Wb])
+    assert gh.dtype == torch.bfloat16 and gW.dtype == torch.bfloat16 and torch.isfinite(gW.float()).all()
