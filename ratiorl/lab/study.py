@@ -78,7 +78,7 @@ def _spec(specs, name):
 DEFAULTS = dict(
     V=3,
     T=4,  # horizon of experiments 1 and 5
-    kl=0.3,  # KL(pi_old || pi_theta) of experiments 1 and 5
+    kl=0.2,  # KL(pi_old || pi_theta) of experiments 1 and 5
     reward="random",
     Gs=(2, 4, 8, 16, 32, 64),
     K=2000,  # batches per measurement (at most; see rows_per_point)

@@ -93,7 +93,7 @@ def test_bias_sq_standard_error_is_calibrated(shift):
     """Over many independent experiments, the reported se of the debiased ||b||^2 matches the
     spread of that estimate, with and without a true bias (the estimate itself is unbiased)."""
     g = torch.Generator().manual_seed(1)
-    R, K, D = 300, 500, 40
+    R, K, D = 120, 400, 30
     scale = torch.linspace(0.3, 1.5, D, dtype=torch.float64)
     b = torch.zeros(D, dtype=torch.float64)
     b[-1] = shift
