@@ -57,6 +57,8 @@ def plot_bias_vs_G(by_G, out_path, problem=None):
     ax[1].set(xscale="log", yscale="log", xlabel="group size G", ylabel="tr Cov(ĝ)", title="variance of one batch estimate")
     for a in ax:
         a.grid(True, which="both", alpha=0.3)
+        a.set_xticks(Gs, [str(G) for G in Gs])
+        a.minorticks_off()
     ax[0].legend(fontsize=7, ncol=2)
     if problem is not None:
         fig.suptitle(f"V={problem.tree.V}, T={problem.tree.T}, KL(π_old‖π_θ)={problem.kl:.2f}", fontsize=9)
