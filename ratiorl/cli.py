@@ -107,25 +107,24 @@ def cmd_report(args, extra):
 
 
 def cmd_objectives(args, extra):
-    from rich.table import Table  # noqa: PLC0415
-
     import ratiorl  # noqa: PLC0415
     from ratiorl.objectives import PRESETS  # noqa: PLC0415
 
-    table = Table(title="objective presets (ratiorl.objective(name, **overrides))")
-    for col in ("name", "weight", "shaping", "aggregation", "advantage", "KL", "source"):
-        table.add_column(col)
+    header = ("name", "weight", "shaping", "aggregation", "advantage", "KL (beta est placement)", "source")
+    rows = [header]
     for name in ratiorl.available_objectives():
         o = ratiorl.objective(name)
         shaping = o.shaping + (f"/{o.rule}" if o.shaping == "weighted" else "")
-        if o.shaping in ("clip", "dual_clip") or o.shaping == "weighted":
+        if o.shaping in ("clip", "dual_clip", "weighted"):
             shaping += f" {o.clip_low}/{o.clip_high}"
         kl = f"{o.beta} {o.kl_estimator} {o.kl_placement}" if o.beta > 0 else "0"
         src = getattr(PRESETS[name], "source", "") if name in PRESETS else ""
-        table.add_row(name, o.weight, shaping, o.aggregation, o.advantage, kl, src)
-    from rich.console import Console  # noqa: PLC0415
-
-    Console().print(table)
+        rows.append((name, o.weight, shaping, o.aggregation, o.advantage, kl, src))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 # ----------------------------------------------------------------------------- parser

@@ -741,7 +741,7 @@ class Trainer:
                         bar.note(_console_line(s, metrics))
                     if cfg.checkpoint.every > 0 and s % cfg.checkpoint.every == 0 and s < cfg.train.steps:
                         self.save_checkpoint()
-                    if cfg.logging.plots and "eval/avg@k" in metrics:
+                    if cfg.logging.plots and "eval/avg@k" in metrics and s < last:
                         self.plot()
         except KeyboardInterrupt:
             self.console.print(f"[red]interrupted during step {self.step_count + 1}; the newest complete "

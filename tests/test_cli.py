@@ -1,0 +1,117 @@
+"""The `ratiorl` command line: every sub-command end to end on a tiny model, and its user errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ratiorl.cli import main
+
+from .train.conftest import tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from ratiorl.policy import make_tiny_model
+
+    d = tmp_path_factory.mktemp("cli_tiny")
+    make_tiny_model(str(d), n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
+    return str(d)
+
+
+def _train_args(tiny_dir, out, **kw):
+    return ["train"] + ["--" + a for a in tiny_overrides(tiny_dir, out, **kw)]
+
+
+def test_objectives_lists_every_preset(capsys):
+    import ratiorl
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out
+    for name in ratiorl.available_objectives():
+        assert name in out
+
+
+def test_train_resume_compare_report(tiny_dir, tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(_train_args(tiny_dir, a, **{"train.steps": 2, "objective.name": "grpo"})) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["objective"] == "grpo"
+    assert main(_train_args(tiny_dir, b, **{"train.steps": 1, "objective.name": "snib"})) == 0
+    capsys.readouterr()
+    assert main(_train_args(tiny_dir, b, **{"train.steps": 2, "objective.name": "snib"}) + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+    png = str(tmp_path / "cmp.png")
+    assert main(["compare", a, b, "--out", png]) == 0
+    assert os.path.getsize(png) > 1000
+    assert main(["report", a]) == 0
+    assert os.path.exists(os.path.join(a, "report.html")) and os.path.exists(os.path.join(a, "report.md"))
+
+
+def test_user_errors_exit_2_without_traceback(tiny_dir, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(_train_args(tiny_dir, out) + ["--optim.learnrate", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.learnrate'" in err and "lr" in err and "Traceback" not in err
+
+    assert main(_train_args(tiny_dir, out, **{"train.steps": "many"})) == 2
+    assert "expected an integer" in capsys.readouterr().err
+
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    assert main(_train_args(tiny_dir, out, **{"task.name": "jsonl", "task.path": str(tmp_path / "no.jsonl")})) == 2
+    assert "no such JSONL file" in capsys.readouterr().err
+
+    assert main(["eval", "--model", str(tmp_path / "nomodel")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_eval_a_saved_model(tiny_dir, capsys):
+    assert main(["eval", "--model", tiny_dir, "--k", "2", "--num-prompts", "4", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 <= out["eval/avg@k"] <= out["eval/pass@k"] <= 1.0
+    assert out["eval/num_prompts"] == 4
+
+
+def test_sft_writes_a_loadable_model(tmp_path, capsys):
+    out = str(tmp_path / "sft")
+    assert main(["sft", "--out", out, "--steps", "3", "--batch_size", "4",
+                 "--model_sizes", "{n_layer: 1, n_head: 2, n_embd: 32}"]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_embd == 32
+    assert AutoTokenizer.from_pretrained(out)("1+2=")["input_ids"]
+
+
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    # the real demo (examples/demo.yaml) with everything shrunk to seconds
+    out = str(tmp_path / "demo")
+    args = ["demo", "--out", out, "--sft.steps", "3", "--sft.batch_size", "4",
+            "--sft.model_sizes", "{n_layer: 1, n_head: 2, n_embd: 32}", "--train.steps", "1",
+            "--rollout.prompts_per_step", "2", "--rollout.num_generations", "2", "--eval.num_prompts", "4",
+            "--eval.k", "2", "--logging.progress", "false", "--logging.plots", "false",
+            "--logging.tensorboard", "false"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "eval accuracy before RL" in text and "eval accuracy after RL" in text
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    for key in ("objective", "steps", "wall_seconds", "eval_accuracy_before", "eval_accuracy_after", "eval_metric"):
+        assert key in s
+    assert s["objective"] == "snib" and s["steps"] == 1
+    assert os.path.exists(os.path.join(out, "sft-model", "config.json"))
