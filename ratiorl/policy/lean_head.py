@@ -41,29 +41,35 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _tile_logits(h, W, b, v0, v1, temperature, cdtype):
+def _tile_logits(hs, W, bs, v0, v1, cdtype):
     """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), in cdtype.
 
-    ``h`` is already in cdtype; low-precision weights are upcast per chunk so that bf16/fp16
-    models get float32 logits (not logits rounded to 8 mantissa bits).
+    The temperature is folded into the (small) inputs: hs = h / T and bs = b / T, so that
+    z = hs W^T + bs costs one matmul and no extra pass over the tile. Low-precision weights are
+    upcast per chunk so that bf16/fp16 models get float32 logits.
     """
-    z = h @ W[v0:v1].to(cdtype).T
-    if b is not None:
-        z = z + b[v0:v1].to(cdtype)
-    if temperature != 1.0:
-        z = z / temperature
-    return z
+    Wc = W[v0:v1].to(cdtype)
+    if bs is None:
+        return hs @ Wc.T
+    return torch.addmm(bs[v0:v1], hs, Wc.T)
 
 
-def _target_logits(h, W, b, targets, temperature, cdtype):
-    """z_{n, y_n}: row-wise dot product with the gathered target rows of W."""
-    zt = (h.to(cdtype) * W[targets].to(cdtype)).sum(-1)
-    if b is not None:
-        zt = zt + b[targets].to(cdtype)
-    return zt / temperature
+def _scaled(h, b, temperature, cdtype):
+    """(h / T, b / T) in the compute dtype."""
+    hs = h.to(cdtype) / temperature
+    bs = b.to(cdtype) / temperature if b is not None else None
+    return hs, bs
 
 
-def _forward_stats(h, W, b, ref_h, ref_W, ref_b, temperature, with_ref, vocab_chunk, token_chunk, cdtype):
+def _target_logits(hs, W, bs, targets, cdtype):
+    """z_{n, y_n}: row-wise dot product of h/T with the gathered target rows of W."""
+    zt = torch.linalg.vecdot(hs, W[targets].to(cdtype))
+    if bs is not None:
+        zt = zt + bs[targets]
+    return zt
+
+
+def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, token_chunk, cdtype):
     """Online pass over the vocabulary for every token chunk.
 
     Per row we keep (all relative to running maxima m, mq so nothing overflows):
@@ -74,46 +80,48 @@ def _forward_stats(h, W, b, ref_h, ref_W, ref_b, temperature, with_ref, vocab_ch
     When a new chunk raises m to m' the old sums are rescaled by exp(m - m'), and the shifted
     sums pick up the shift: a' = e^{m-m'} (a + (m - m') s), c' likewise with mq - mq'.
     """
-    N, V = h.shape[0], W.shape[0]
-    lse = torch.empty(N, dtype=cdtype, device=h.device)
-    neg_ent = torch.empty(N, dtype=cdtype, device=h.device)  # E_p[z] - lse = sum p log p
-    lseq = torch.empty(N, dtype=cdtype, device=h.device) if with_ref else None
-    cross = torch.empty(N, dtype=cdtype, device=h.device) if with_ref else None  # sum p log q
+    N, V = hs.shape[0], W.shape[0]
+    lse = torch.empty(N, dtype=cdtype, device=hs.device)
+    neg_ent = torch.empty(N, dtype=cdtype, device=hs.device)  # E_p[z] - lse = sum p log p
+    lseq = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None
+    cross = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None  # sum p log q
 
     for n0 in range(0, N, token_chunk):
         n1 = min(N, n0 + token_chunk)
-        hc = h[n0:n1].to(cdtype)
-        rc = ref_h[n0:n1].to(cdtype) if with_ref else None
+        hc = hs[n0:n1]
+        rc = ref_hs[n0:n1] if with_ref else None
         m = s = a = mq = sq = c = None
         for v0 in range(0, V, vocab_chunk):
             v1 = min(V, v0 + vocab_chunk)
-            z = _tile_logits(hc, W, b, v0, v1, temperature, cdtype)
-            m_new = z.max(dim=1).values if m is None else torch.maximum(m, z.max(dim=1).values)
-            zs = z - m_new[:, None]  # z - m'
+            zs = _tile_logits(hc, W, bs, v0, v1, cdtype)
+            m_new = zs.amax(dim=1) if m is None else torch.maximum(m, zs.amax(dim=1))
+            zs.sub_(m_new[:, None])  # z - m'
             e = zs.exp()
+            s_tile, a_tile = e.sum(1), torch.linalg.vecdot(e, zs)
+            del zs
             if with_ref:
-                zq = _tile_logits(rc, ref_W, ref_b, v0, v1, temperature, cdtype)
-                mq_new = zq.max(dim=1).values if mq is None else torch.maximum(mq, zq.max(dim=1).values)
-                zqs = zq - mq_new[:, None]
-                del zq
+                zqs = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype)
+                mq_new = zqs.amax(dim=1) if mq is None else torch.maximum(mq, zqs.amax(dim=1))
+                zqs.sub_(mq_new[:, None])  # zq - mq'
+                c_tile = torch.linalg.vecdot(e, zqs)
+                sq_tile = zqs.exp_().sum(1)
+                del zqs
+            del e
             if m is None:
-                s = e.sum(1)
-                a = (e * zs).sum(1)
+                s, a = s_tile, a_tile
                 if with_ref:
-                    sq = zqs.exp().sum(1)
-                    c = (e * zqs).sum(1)
+                    sq, c = sq_tile, c_tile
             else:
                 scale = (m - m_new).exp()
                 s_old = s
-                s = s * scale + e.sum(1)
-                a = scale * (a + (m - m_new) * s_old) + (e * zs).sum(1)
+                s = s * scale + s_tile
+                a = scale * (a + (m - m_new) * s_old) + a_tile
                 if with_ref:
-                    sq = sq * (mq - mq_new).exp() + zqs.exp().sum(1)
-                    c = scale * (c + (mq - mq_new) * s_old) + (e * zqs).sum(1)
+                    sq = sq * (mq - mq_new).exp() + sq_tile
+                    c = scale * (c + (mq - mq_new) * s_old) + c_tile
             m = m_new
             if with_ref:
                 mq = mq_new
-            del z, zs, e
         log_s = s.log()
         lse[n0:n1] = m + log_s
         neg_ent[n0:n1] = a / s - log_s
@@ -130,20 +138,23 @@ class _LeanHeadFn(torch.autograd.Function):
                 vocab_chunk, token_chunk):
         cdtype = _compute_dtype(h)
         with torch.no_grad():
+            hs, bs = _scaled(h, b, temperature, cdtype)
+            ref_hs, ref_bs = _scaled(ref_h, ref_b, temperature, cdtype) if with_kl else (None, None)
             lse, neg_ent, lseq, cross = _forward_stats(
-                h, W, b, ref_h, ref_W, ref_b, temperature, with_kl, vocab_chunk, token_chunk, cdtype
+                hs, W, bs, ref_hs, ref_W, ref_bs, with_kl, vocab_chunk, token_chunk, cdtype
             )
-            logp = _target_logits(h, W, b, targets, temperature, cdtype) - lse  # eq. (2)
+            logp = _target_logits(hs, W, bs, targets, cdtype) - lse  # eq. (2)
             entropy = -neg_ent  # eq. (3)
             kl = (neg_ent - cross) if with_kl else None  # eq. (4)
             # log q(y_n) comes for free from the reference log-sum-exp of the same pass
-            ref_logp = (_target_logits(ref_h, ref_W, ref_b, targets, temperature, cdtype) - lseq) if with_kl else None
+            ref_logp = (_target_logits(ref_hs, ref_W, ref_bs, targets, cdtype) - lseq) if with_kl else None
         ctx.save_for_backward(h, W, b, targets, ref_h, ref_W, ref_b, lse, entropy,
                               lseq if with_kl else None, kl)
         ctx.temperature = temperature
         ctx.with_kl = with_kl
         ctx.chunks = (vocab_chunk, token_chunk)
         ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(targets)
         if ref_logp is not None:
             ctx.mark_non_differentiable(ref_logp)
         return logp, (entropy if with_entropy else None), kl, ref_logp
@@ -154,65 +165,77 @@ class _LeanHeadFn(torch.autograd.Function):
         T = ctx.temperature
         vocab_chunk, token_chunk = ctx.chunks
         need_h, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if ctx.with_kl is False:
+            g_kl = None
         if not (need_h or need_W or need_b) or (g_logp is None and g_ent is None and g_kl is None):
             return (None,) * 12
         cdtype = lse.dtype
         N, V = h.shape[0], W.shape[0]
+        hs, bs = _scaled(h, b, T, cdtype)
+        ref_hs, ref_bs = _scaled(ref_h, ref_b, T, cdtype) if g_kl is not None else (None, None)
+        # grad_h and grad_b are accumulated without the 1/T of eq. (1) and scaled once at the end;
+        # grad_W uses hs = h/T, which already carries it.
         grad_h = torch.zeros(h.shape, dtype=cdtype, device=h.device) if need_h else None
         grad_W = torch.zeros(W.shape, dtype=cdtype, device=W.device) if need_W else None
         grad_b = torch.zeros(V, dtype=cdtype, device=W.device) if need_b else None
-        gl = g_logp.to(cdtype) if g_logp is not None else None
-        ge = g_ent.to(cdtype) if g_ent is not None else None
-        gk = g_kl.to(cdtype) if (g_kl is not None and ctx.with_kl) else None
+        zeros = torch.zeros(N, dtype=cdtype, device=h.device)
+        gl = g_logp.to(cdtype) if g_logp is not None else zeros
+        ge = g_ent.to(cdtype) if g_ent is not None else zeros
+        gk = g_kl.to(cdtype) if g_kl is not None else zeros
 
         # One-hot part of eq. (5): dz_{n,y_n} += g_logp_n.
-        if gl is not None:
-            hc, Wt = h.to(cdtype), W[targets].to(cdtype)
+        if g_logp is not None:
             if need_h:
-                grad_h += gl[:, None] * Wt / T
+                grad_h += gl[:, None] * W[targets].to(cdtype)
             if need_W:
-                grad_W.index_add_(0, targets, gl[:, None] * hc / T)
+                grad_W.index_add_(0, targets, gl[:, None] * hs)
             if need_b:
-                grad_b.index_add_(0, targets, gl / T)
-            del hc, Wt
+                grad_b.index_add_(0, targets, gl)
 
         # Dense part: dz_v = p_v * coef_v with, from (5)-(7),
-        #   coef_v = -g_logp - g_ent (log p_v + H) + g_kl (log p_v - log q_v - KL).
+        #   coef_v = -g_logp - g_ent (log p_v + H) + g_kl (log p_v - log q_v - KL)
+        #          = c0 + c1 log p_v + c2 log q_v,
+        #   c0 = -g_logp - g_ent H - g_kl KL,   c1 = g_kl - g_ent,   c2 = -g_kl.
+        c0 = -gl - ge * entropy
+        if g_kl is not None:
+            c0 = c0 - gk * kl
+        c1 = gk - ge
+        c2 = -gk
+        use_c1 = g_ent is not None or g_kl is not None
         for n0 in range(0, N, token_chunk):
             n1 = min(N, n0 + token_chunk)
-            hc = h[n0:n1].to(cdtype)
+            hc = hs[n0:n1]
             lse_c = lse[n0:n1, None]
-            H_c = entropy[n0:n1, None]
-            gl_c = gl[n0:n1, None] if gl is not None else None
-            ge_c = ge[n0:n1, None] if ge is not None else None
-            gk_c = gk[n0:n1, None] if gk is not None else None
-            if gk is not None:
-                rc, lseq_c, kl_c = ref_h[n0:n1].to(cdtype), lseq[n0:n1, None], kl[n0:n1, None]
+            c0_c, c1_c, c2_c = c0[n0:n1, None], c1[n0:n1, None], c2[n0:n1, None]
+            if g_kl is not None:
+                rc, lseq_c = ref_hs[n0:n1], lseq[n0:n1, None]
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
-                logp_v = _tile_logits(hc, W, b, v0, v1, T, cdtype).sub_(lse_c)  # log p_v
+                logp_v = _tile_logits(hc, W, bs, v0, v1, cdtype).sub_(lse_c)  # log p_v
                 p = logp_v.exp()
-                coef = torch.zeros_like(logp_v) if gl_c is None else (-gl_c).expand_as(logp_v).clone()
-                if ge_c is not None:
-                    coef -= ge_c * (logp_v + H_c)
-                if gk_c is not None:
-                    logq_v = _tile_logits(rc, ref_W, ref_b, v0, v1, T, cdtype).sub_(lseq_c)
-                    coef += gk_c * (logp_v - logq_v - kl_c)
+                if use_c1:
+                    coef = torch.addcmul(c0_c, c1_c, logp_v)
+                else:
+                    coef = c0_c
+                del logp_v
+                if g_kl is not None:
+                    logq_v = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype).sub_(lseq_c)  # log q_v
+                    coef.addcmul_(c2_c, logq_v)
                     del logq_v
-                dz = p.mul_(coef).div_(T)  # includes dz/d(logits) = 1/T of eq. (1)
-                del logp_v, coef
+                dz = p.mul_(coef)  # dL/dz for this tile (before the 1/T of eq. (1))
+                del coef
                 if need_h:
-                    grad_h[n0:n1] += dz @ W[v0:v1].to(cdtype)
+                    grad_h[n0:n1].addmm_(dz, W[v0:v1].to(cdtype))
                 if need_W:
-                    grad_W[v0:v1] += dz.T @ hc
+                    grad_W[v0:v1].addmm_(dz.T, hc)
                 if need_b:
                     grad_b[v0:v1] += dz.sum(0)
                 del dz
 
         return (
-            grad_h.to(h.dtype) if need_h else None,
+            (grad_h / T).to(h.dtype) if need_h else None,
             grad_W.to(W.dtype) if need_W else None,
-            grad_b.to(b.dtype) if need_b else None,
+            (grad_b / T).to(b.dtype) if need_b else None,
             None, None, None, None, None, None, None, None, None,
         )
 
