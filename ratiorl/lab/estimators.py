@@ -195,20 +195,23 @@ def summarize(est: torch.Tensor, truth: torch.Tensor) -> Stats:
     # tr(Sigma^2) = ||X'X||_F^2 / (K-1)^2, via the smaller Gram matrix
     gram = X.T @ X if X.shape[1] <= K else X @ X.T
     tr2 = float((gram * gram).sum()) / (K - 1) ** 2
-    bSb = float(((X @ b) ** 2).sum() / (K - 1))
+    # every other per-batch quantity from one matmul: X_k . b, X_k . m, X_k . g
+    Xb, Xm, Xg = (X @ torch.stack([b, m, g], 1)).unbind(1)
+    bSb = float((Xb * Xb).sum() / (K - 1))
     raw2 = float(b @ b)
     bias_sq = raw2 - tr / K
     # b' Sigma b: plugging in b_hat overstates it by tr(Sigma^2)/K, which inflates the se by up to
     # sqrt(3) when there is no bias. Use the Rayleigh quotient along b_hat times the debiased
     # ||b||^2 instead (calibration checked in tests/lab/test_estimators.py).
-    bSb = max(raw2 - tr / K, 0.0) * bSb / max(raw2, 1e-300)
+    bSb = max(bias_sq, 0.0) * bSb / max(raw2, 1e-300)
     bias_sq_se = math.sqrt(max(4 * bSb / K + 2 * tr2 / K**2, 0.0))
     bias_norm = math.sqrt(max(bias_sq, 0.0))
     # delta method; near zero use se(||b||^2)/(2 sqrt(se)) so the interval stays finite
     bias_norm_se = bias_sq_se / (2 * math.sqrt(max(bias_sq, bias_sq_se, 1e-300)))
-    err2 = ((est - g) ** 2).sum(1)
+    err2 = sq + 2 * Xb + raw2  # ||g_k - g||^2
+    est_norm = (sq + 2 * Xm + float(m @ m)).clamp_min(0).sqrt()  # ||g_k||
     gnorm = float(g.norm())
-    cos_each = (est @ g) / (est.norm(dim=1).clamp_min(1e-300) * max(gnorm, 1e-300))
+    cos_each = (Xg + float(m @ g)) / (est_norm.clamp_min(1e-300) * max(gnorm, 1e-300))
     return Stats(
         K=K,
         bias_norm=bias_norm,
