@@ -14,6 +14,7 @@ class BatchInfo:
 
     def __init__(self, mask_f: torch.Tensor, group_ids, num_tokens, num_sequences, n_dropped: int):
         self.mask = mask_f  # (B, T) float32, 1 on counted tokens
+        self.mask_bool = mask_f > 0
         self.B, self.T = mask_f.shape
         self.lengths = mask_f.sum(1)  # (B,) float32
         self.seq_valid = self.lengths > 0  # (B,) bool: non-empty (and not dropped) responses

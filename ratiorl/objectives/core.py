@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ._batch import BatchInfo
+from ._ops import clamp_abs
 from .advantages import ADVANTAGES
 from .aggregate import AGGREGATIONS
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS
@@ -188,7 +189,7 @@ class Objective:
 
         info = BatchInfo(maskf, group_ids, num_tokens, num_sequences, n_dropped)
         c = self.log_ratio_clamp
-        delta = (logp.to(cd) - old_logp.to(cd)).clamp(-c, c) * maskf  # SPEC 7: float32, clamped, 0 on padding
+        delta = clamp_abs(logp.to(cd) - old_logp.to(cd), c) * maskf  # SPEC 7: float32, clamped, 0 on padding
 
         w = WEIGHTS[self.weight](delta, info, self)
         x = torch.exp(w.log_w)
@@ -262,6 +263,7 @@ class Objective:
     @torch.no_grad()
     def _metrics(self, x, level, shaped, info, kl_tok, n_dropped):
         xv = x.detach()
+        mb = info.mask_bool if level == "token" else info.seq_valid
         m = info.mask if level == "token" else info.seq_valid.to(info.mask.dtype)
         n = m.sum().clamp_min(1.0)
         xm = xv * m
@@ -269,12 +271,15 @@ class Objective:
         wmax = xm.max() if xm.numel() else zero
         xn = xm * (1.0 / wmax.clamp_min(1e-30))  # scaled to <= 1: sum of squares cannot overflow
         s1n = xn.sum()
-        low = (shaped.clipped_low * m).sum() if shaped.clipped_low is not None else zero
-        high = (shaped.clipped_high * m).sum() if shaped.clipped_high is not None else zero
+
+        def count(c):  # valid elements where the bool mask c is set
+            return torch.count_nonzero(c & mb).to(xm.dtype) if c is not None else zero
+
+        low, high = count(shaped.clipped_low), count(shaped.clipped_high)
         vals = [low / n, high / n, s1n * wmax / n, wmax, s1n * s1n / (n * (xn * xn).sum()).clamp_min(1e-30)]
         keys = ["clip_frac_low", "clip_frac_high", "weight_mean", "weight_max", "ess"]
         if shaped.clipped_dual is not None:
-            vals.append((shaped.clipped_dual * m).sum() / n)
+            vals.append(count(shaped.clipped_dual) / n)
             keys.append("dual_clip_frac")
         if kl_tok is not None:
             vals.append((kl_tok.detach() * info.mask).sum() / info.mask.sum().clamp_min(1.0))

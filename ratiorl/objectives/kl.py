@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import clamp_abs
 from ._registry import Registry
 
 KL_ESTIMATORS = Registry("KL estimator")
@@ -29,7 +30,7 @@ def _log_diff(logp, ref_logp, obj):
         )
     c = obj.log_ratio_clamp
     cd = torch.promote_types(logp.dtype, torch.float32)  # float32 at least (SPEC 7)
-    return (ref_logp.to(cd) - logp.to(cd)).clamp(-c, c)  # log(pi_ref / pi_theta)
+    return clamp_abs(ref_logp.to(cd) - logp.to(cd), c)  # log(pi_ref / pi_theta), clamped like delta
 
 
 @KL_ESTIMATORS.register("k1")

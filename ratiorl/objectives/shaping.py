@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._ops import masked_clamp
 from ._registry import Registry
 
 SHAPINGS = Registry("shaping")
@@ -77,9 +78,10 @@ def clip(x, A, w, info, obj):
     # PPO clipped surrogate: L = -min(x A, clamp(x, l, u) A)   (tutorial sec. 5.3; GRPO; GSPO; SNIB Alg. 1 line 10)
     # computed as -A * clamp(x, lower(A), upper(A)), see _clip_bounds.
     lower, upper, _, _ = _clip_bounds(A, obj)
-    loss = -A * torch.clamp(x, min=lower, max=upper)
     with torch.no_grad():  # PPO/TRL metrics: the bound is active and lowers the objective
-        low, high = x < lower, x > upper
+        xd = x.detach()
+        low, high = xd < lower, xd > upper
+    loss = -A * masked_clamp(x, lower, upper, ~(low | high))
     return Shaped(loss, low, high)
 
 
@@ -87,11 +89,11 @@ def clip(x, A, w, info, obj):
 def dual_clip(x, A, w, info, obj):
     # PPO dual clip (Ye et al. 2020): as clip, then for A < 0 also min(L, -c A): -A * clamp(x, l, c) for A < 0
     lower, upper, neg, pos = _clip_bounds(A, obj, dual=obj.dual_clip)
-    loss = -A * torch.clamp(x, min=lower, max=upper)
     with torch.no_grad():
-        above = x > upper
-        low, high, dual = x < lower, above & pos, above & neg
-    return Shaped(loss, low, high, dual)
+        xd = x.detach()
+        low, above = xd < lower, xd > upper
+    loss = -A * masked_clamp(x, lower, upper, ~(low | above))
+    return Shaped(loss, low, above & pos, above & neg)
 
 
 @SHAPINGS.register("position_clip", requires_token_level=True)
@@ -106,11 +108,11 @@ def position_clip(x, A, w, info, obj):
     lower = torch.where(neg, _full(A, -obj.pos_clip_low), _full(A, -big)) * pp
     upper = torch.where(neg, _full(A, obj.pos_dual_clip), torch.where(pos, _full(A, obj.pos_clip_high), _full(A, big))) * pp
     lw = w.log_w
-    loss = -A * torch.exp(torch.clamp(lw, min=lower, max=upper))
     with torch.no_grad():
-        above = lw > upper
-        low, high, dual = lw < lower, above & pos, above & neg
-    return Shaped(loss, low, high, dual)
+        lwd = lw.detach()
+        low, above = lwd < lower, lwd > upper
+    loss = -A * torch.exp(masked_clamp(lw, lower, upper, ~(low | above)))
+    return Shaped(loss, low, above & pos, above & neg)
 
 
 @SHAPINGS.register("gate")
