@@ -56,8 +56,9 @@ class Objective:
     their tokens), the CTPO Fig. 1 diagnostic.
 
     Numerics: per-token log-ratios are clamped to +-``log_ratio_clamp``; summed log weights
-    (sequence, sequence_token, cumulative) to +-``max_log_weight`` (saturating, no gradient
-    beyond the bound); everything is computed in float32 (float64 for float64 inputs) whatever the input dtype.
+    (sequence, sequence_token) to +-``max_log_weight`` (saturating, no gradient beyond the
+    bound), and the cumulative weight's detached prefix sum likewise (see ``weights.py``);
+    everything is computed in float32 (float64 for float64 inputs) whatever the input dtype.
     ``nonfinite="raise"`` raises ValueError naming a tensor with NaN/inf on a valid position;
     ``"mask"`` drops those sequences (their loss is 0 and B' counts only the kept ones unless
     ``num_sequences`` is given) and reports ``nonfinite_dropped``. NaN/inf on padding is ignored.

@@ -14,11 +14,12 @@ Overflow guard (SPEC section 7): the per-token clamp alone does not bound a *sum
 (8192 tokens x 0.5 = 4096, and exp(4096) = inf). The weights whose log is an unnormalised sum
 of log-ratios over a whole sequence (``sequence``, ``sequence_token``) clamp that summed log
 weight to [-obj.max_log_weight, obj.max_log_weight] (default 20, i.e. weights in
-[2e-9, 4.9e8]) with ``torch.clamp``: beyond the bound the weight saturates and, like a clipped
+[2e-9, 4.9e8]) (torch.clamp semantics): beyond the bound the weight saturates and, like a clipped
 token, passes no gradient. ``cumulative`` clamps its detached prefix sum S_{t-1} to the same
 bound and adds the current (clamped) token log-ratio, so rho_t <= exp(max_log_weight +
-log_ratio_clamp) and every token keeps its own gradient (a truncated prefix weight). ``geometric`` is a mean of clamped log-ratios and needs no guard;
-the self-normalised weights stay in log space (logsumexp) and are bounded by the group size.
+log_ratio_clamp) and every token keeps its own gradient (a truncated prefix weight).
+``geometric`` is a mean of clamped log-ratios and needs no guard; the self-normalised weights
+stay in log space (logsumexp) and are bounded by the group size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._ops import clamp_abs
 from ._registry import Registry
 
 WEIGHTS = Registry("weight")
@@ -54,7 +56,7 @@ def token(delta, info, obj):
 def sequence(delta, info, obj):
     # Vanilla sequence IS: w_i = exp(sum_t delta_t)   (SNIB: the ablation without self-normalisation)
     u = _seq_sum(delta)
-    return Weight(u.clamp(-obj.max_log_weight, obj.max_log_weight), "sequence", u)
+    return Weight(clamp_abs(u, obj.max_log_weight), "sequence", u)
 
 
 @WEIGHTS.register("geometric", level="sequence")
@@ -74,7 +76,7 @@ def geometric_token(delta, info, obj):
 @WEIGHTS.register("sequence_token", level="token")
 def sequence_token(delta, info, obj):
     # Full-sequence ratio in per-token form: w_{i,t} = sg(w_i) * pi_t / sg(pi_t)   (CTPO Prop. 2 baseline)
-    log_w = _seq_sum(delta).clamp(-obj.max_log_weight, obj.max_log_weight)
+    log_w = clamp_abs(_seq_sum(delta), obj.max_log_weight)
     return Weight(log_w.detach()[:, None] + delta - delta.detach(), "token", delta)
 
 

@@ -141,3 +141,30 @@ def test_extreme_log_ratio_is_clamped():
     out, g, _ = loss_and_grad(ratiorl.objective("reinforce"), d)
     assert torch.isfinite(out.loss) and torch.isfinite(g).all()
     assert g[0, 0] == 0  # beyond the clamp, no gradient
+
+
+def test_masked_clamp_matches_torch_clamp():
+    from ratiorl.objectives._ops import clamp_abs, masked_clamp
+
+    x = (torch.randn(5, 9, dtype=torch.float64) * 2).requires_grad_(True)
+    lo = torch.randn(5, 1, dtype=torch.float64) - 1
+    hi = lo + 1.5
+    g = torch.randn(5, 9, dtype=torch.float64)
+    ours = masked_clamp(x, lo, hi, (x.detach() >= lo) & (x.detach() <= hi))
+    ref = torch.clamp(x, lo, hi)
+    assert torch.equal(ours, ref)
+    (ga,) = torch.autograd.grad((ours * g).sum(), x)
+    (gb,) = torch.autograd.grad((ref * g).sum(), x)
+    assert torch.equal(ga, gb) and (ga == 0).any() and (ga != 0).any()
+    ours, ref = clamp_abs(x, 1.0), torch.clamp(x, -1.0, 1.0)
+    assert torch.equal(ours, ref)
+    assert torch.equal(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_sequence_weight_saturates_at_max_log_weight():
+    d = _long_batch()
+    obj = Objective(weight="sequence", shaping="none", aggregation="sequence")
+    out, g, _ = loss_and_grad(obj, d)
+    assert abs(out.metrics["weight_max"] / torch.exp(torch.tensor(20.0)).item() - 1) < 1e-5
+    assert (g[0] == 0).all()  # saturated (+4096 summed log-ratio): no gradient, like a clipped token
+    assert (g[2] != 0).any()
