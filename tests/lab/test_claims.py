@@ -24,7 +24,7 @@ def bias_by_G():
     p = make_problem(3, 4, kl=0.2, reward="random", seed=0)
     gen = torch.Generator().manual_seed(1)
     stats = {}
-    for G, K in [(4, 3000), (8, 3000), (16, 3000), (64, 1000)]:
+    for G, K in [(4, 6000), (8, 6000), (16, 6000), (64, 2000)]:
         idx = torch.multinomial(p.old_seq_probs, G * K, replacement=True, generator=gen)
         for name in ("snib", "gspo", "grpo", "sequence_rloo"):
             stats[name, G] = summarize(estimate(p, SPEC[name], G, K, None, index=idx).est, p.grad)
@@ -62,8 +62,8 @@ def per_token():
     out = {}
     for kl in (0.0, 0.1, 0.4):
         p = make_problem(3, 5, kl=kl, reward="structured", seed=3)
-        idx = torch.multinomial(p.old_seq_probs, 8 * 2500, replacement=True, generator=gen)
-        est = {n: estimate(p, SPEC[n], 8, 2500, None, index=idx).est for n in ("token", "cumulative", "sequence_token")}
+        idx = torch.multinomial(p.old_seq_probs, 8 * 4000, replacement=True, generator=gen)
+        est = {n: estimate(p, SPEC[n], 8, 4000, None, index=idx).est for n in ("token", "cumulative", "sequence_token")}
         out[kl] = (p, est, {n: summarize(e, p.grad) for n, e in est.items()})
     return out
 
