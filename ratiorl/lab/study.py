@@ -52,10 +52,14 @@ SEQUENCE_REWARD_ESTIMATORS = [
     EstimatorSpec("sequence", "vanilla_is", dict(weight="sequence", shaping="none", **_SEQ)),
     EstimatorSpec("sequence_rloo", "vanilla_is", dict(weight="sequence", shaping="none", **_SEQ), "rloo"),
     EstimatorSpec("snib_rloo", "snib", dict(weight="self_normalized", shaping="none", **_SEQ), "rloo"),
+    EstimatorSpec("snib_fg", "snib_fg", dict(weight="self_normalized_fg", shaping="none", **_SEQ)),
+    # geometric_token summed over tokens has no 1/T: equals gspo (SPEC section 9, equivalence 4)
+    EstimatorSpec("gspo_token", "gspo_token", dict(weight="geometric_token", shaping="none", **_TOK)),
     # the presets' own clipping (still group-mean advantages and token sums, for comparability)
     EstimatorSpec("snib_clip", "snib", dict(_SEQ)),
     EstimatorSpec("gspo_clip", "gspo", dict(_SEQ), scale="T"),
     EstimatorSpec("grpo_clip", "grpo", dict(_TOK)),
+    EstimatorSpec("sequence_clip", "vanilla_is", dict(_SEQ)),
 ]
 
 TOKEN_ADVANTAGE_ESTIMATORS = [
