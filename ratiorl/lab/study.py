@@ -3,14 +3,16 @@
 Five experiments, each against the exact gradient of a small enumerable policy:
 
 1. ``bias_vs_G``     sequence rewards, group-mean (and leave-one-out) baselines; SNIB's
-                     self-normalized weight, GSPO's geometric mean, GRPO's token ratio, the plain
-                     sequence weight, shaping ``none`` and with their presets' clipping; G sweep.
+                     self-normalized weight (and SNIB-fg), GSPO's geometric mean, GRPO's token
+                     ratio, the plain sequence weight, shaping ``none`` and with their presets'
+                     clipping; G sweep, sampled.
 2. ``token_vs_kl``   exact per-token advantages A(s_t,a_t) of pi_theta (CTPO Prop. 1 estimand):
                      token, cumulative and full-sequence (per-token form) weights, plus CTPO's
-                     clipped presets; sweep of the off-policy distance KL(pi_old || pi_theta).
-3. ``variance_vs_T`` same estimators, horizon sweep at a fixed KL per position.
-4. ``by_position``   variance of each position's share of the estimate (CTPO Prop. 2).
-5. ``rewards``       the main comparisons for random, structured and sparse 0/1 rewards.
+                     clipped presets; sweep of the off-policy distance KL(pi_old || pi_theta);
+                     exact moments, and sampled batches for the three unclipped weights.
+3. ``variance_vs_T`` the three weights, horizon sweep at a fixed KL per position (exact).
+4. ``by_position``   variance of each position's share of the estimate (CTPO Prop. 2, exact).
+5. ``rewards``       the main comparisons again for structured and sparse 0/1 rewards.
 
 Every estimate comes from the library's own objectives (``ratiorl.objective``) and advantages
 (``ratiorl.advantages``); see ``estimators.py`` for the stacking trick and the statistics.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ratiorl
-from ratiorl.lab import EstimatorSpec, estimate, exact_moments, loglog_slope, make_problem, summarize
+from ratiorl.lab import estimate, exact_moments, loglog_slope, make_problem, summarize
 from ratiorl.lab.estimators import token_coefficients
 from ratiorl.lab.study import SEQUENCE_REWARD_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS
 from ratiorl.lab.tabular import scores_to_theta

@@ -28,3 +28,17 @@ def test_run_lab_quick_writes_report(tmp_path):
 def test_run_lab_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="valid"):
         run_lab(str(tmp_path), bogus=1)
+
+
+def test_module_entry_point_passes_options(tmp_path, monkeypatch):
+    import ratiorl.lab.__main__ as entry
+
+    seen = {}
+
+    def fake_run_lab(out, seed=0, quick=False, **kw):
+        seen.update(out=out, seed=seed, quick=quick, **kw)
+        return {"claims": {"a": {"held": True}}}
+
+    monkeypatch.setattr(entry, "run_lab", fake_run_lab)
+    entry.main(["--out", str(tmp_path), "--seed", "4", "--quick", "--batches", "50"])
+    assert seen == {"out": str(tmp_path), "seed": 4, "quick": True, "K": 50}
