@@ -24,6 +24,7 @@ class BatchInfo:
         self.num_sequences = num_sequences if num_sequences is not None else max(self.B - n_dropped, 1)
         self.num_tokens = num_tokens if num_tokens is not None else self.lengths.sum().clamp_min(1.0)
         self._pos = None
+        self._right_padded = None
         self._groups = None
 
     @property
@@ -32,6 +33,19 @@ class BatchInfo:
         if self._pos is None:
             self._pos = torch.cumsum(self.mask, dim=1)
         return self._pos
+
+    def pos_pow(self, p: float) -> torch.Tensor:
+        """pos_t ** p, broadcastable to (B, T) and exact on valid tokens.
+
+        For the usual right-padded mask (valid tokens first), pos_t = t + 1 on every valid token,
+        so this is one (1, T) row; otherwise cumsum(m) ** p.
+        """
+        if self._right_padded is None:
+            ar = torch.arange(self.T, device=self.mask.device)
+            self._right_padded = bool(torch.equal(self.mask_bool, ar[None, :] < self.lengths[:, None]))
+        if self._right_padded:
+            return torch.arange(1, self.T + 1, device=self.mask.device, dtype=self.mask.dtype).pow(p)[None, :]
+        return self.pos.pow(p)
 
     def group_index(self, scope: str = "group"):
         """(index (B,) long in [0, G), G) for the sequences sharing a normaliser."""

@@ -102,7 +102,7 @@ def position_clip(x, A, w, info, obj):
     # x~ = exp(clamp(log x, -lo_t, hi_t)); L = max(-x A, -x~ A); for A < 0: min(L, -A exp(c_t)).
     # Same value and gradient, one clamp: L = -A exp(clamp(log x, lower_t, upper_t)) with
     # (lower_t, upper_t) = (-inf, hi_t) for A > 0 and (-lo_t, c_t) for A < 0.
-    pp = info.pos.pow(obj.pos_power)
+    pp = info.pos_pow(obj.pos_power)  # (1, T) for right-padded masks, else (B, T)
     big = 1e30  # a finite "infinity": it multiplies pp, which is 0 before a row's first token
     neg, pos = A < 0, A > 0
     lower = torch.where(neg, _full(A, -obj.pos_clip_low), _full(A, -big)) * pp

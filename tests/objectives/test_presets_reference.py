@@ -86,3 +86,13 @@ def test_kl_estimators_and_placements(base, estimator, placement):
 def test_compositions_match_reference(overrides):
     obj = Objective(**overrides)
     _check(obj, make_batch(scale=0.4))
+
+
+@pytest.mark.parametrize("name", ["ctpo", "ctpo_fixed", "grpo", "gspo", "snib", "dgpo"])
+def test_mask_with_holes_matches_reference(name):
+    # masked-out tokens inside a response (e.g. tool outputs): pos_t counts valid tokens only
+    d = make_batch(B=6, T=9, scale=0.1)
+    holes = torch.rand(6, 9) < 0.3
+    holes[:, 0] = False
+    d["mask"] = d["mask"] & ~holes
+    _check(ratiorl.objective(name), d)
