@@ -528,7 +528,7 @@ class Trainer:
         groups = list(range(n_groups))
         mini = [c.tolist() for c in torch.tensor_split(torch.tensor(groups), min(cfg.train.mini_batches, n_groups))]
         micro_metrics, update_metrics, micro_weights = [], [], []
-        diag_scalars: dict = {}
+        diag_input = None
         for _epoch in range(cfg.train.epochs):
             for mb_groups in mini:
                 mb_rows = [g * G + j for g in mb_groups for j in range(G)]
@@ -544,8 +544,7 @@ class Trainer:
                     roll, mb_groups, cfg.train.grad_accum, num_tokens, num_sequences)
                 micro_metrics += mm
                 micro_weights += mw
-                if self._diag is not None and not diag_scalars:
-                    diag_scalars = self._diagnostic_scalars(roll, rows0, stats0)
+                diag_input = (rows0, stats0.logp.detach())  # the last update is the most off-policy
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 finite = math.isfinite(grad_norm)
@@ -561,6 +560,7 @@ class Trainer:
                 if self.engine is not self.eval_engine and self.updates % cfg.rollout.sync_every == 0:
                     self.engine.load_weights(self.model)
         t_update = time.perf_counter()
+        diag_scalars = self._diagnostic_scalars(roll, *diag_input) if self._diag is not None else {}
 
         # KL controller
         kl_obs = _weighted_mean(micro_metrics, micro_weights, "kl")
@@ -612,14 +612,46 @@ class Trainer:
         m.update({f"diag/{k}": v for k, v in diag_scalars.items()})
         return m
 
-    def _diagnostic_scalars(self, roll, rows, stats) -> dict:
-        """Cheap scalars from ratiorl.report.diagnostics, on the first micro-batch of the step."""
+    def _diag_batch(self, roll, rows, logp) -> dict:
+        idx = torch.tensor(rows, dtype=torch.long)
+        c1 = logp.shape[1]
+        adv = roll["advantages"][idx]
+        return dict(logp=logp, old_logp=roll["old_logp"][idx][:, :c1], mask=roll["completion_mask"][idx][:, :c1],
+                    advantages=adv[:, :c1] if adv.dim() == 2 else adv, group_ids=roll["group_ids"][idx])
+
+    def _diagnostic_scalars(self, roll, rows, logp) -> dict:
+        """Cheap scalars from ratiorl.report.diagnostics on the first micro-batch of the step's last
+        update (the most off-policy one); the batch is kept for the diagnostics plots at eval."""
         try:
-            return self._diag(self, roll, rows, stats)
+            batch = self._diag_batch(roll, rows, logp)
+            self._last_diag_batch = batch
+            o = self.obj
+            return self._diag.step_scalars(**batch, clip_low=o.clip_low, clip_high=o.clip_high,
+                                           pos_clip_low=o.pos_clip_low, pos_clip_high=o.pos_clip_high,
+                                           pos_power=o.pos_power, prefix="")
         except Exception as e:  # diagnostics must never break training
             self.console.print(f"[yellow]diagnostics disabled: {type(e).__name__}: {e}[/]")
             self._diag = None
             return {}
+
+    def plot_diagnostics(self) -> None:
+        """CTPO Fig. 1 (clip rate by position) and SNIB Fig. 2 (weight histograms) of the last step."""
+        batch = getattr(self, "_last_diag_batch", None)
+        if self._diag is None or batch is None:
+            return
+        d, o = self._diag, self.obj
+        out = os.path.join(self.run_dir, "plots")
+        try:
+            curve = d.clip_fraction_by_position(batch["logp"], batch["old_logp"], batch["mask"],
+                                                advantages=batch["advantages"], clip_low=o.clip_low,
+                                                clip_high=o.clip_high, pos_clip_low=o.pos_clip_low,
+                                                pos_clip_high=o.pos_clip_high, pos_power=o.pos_power)
+            d.plot_clip_by_position(curve, os.path.join(out, "clip_by_position.png"), labels=[f"step {self.step_count}"])
+            hist = d.weight_histograms(batch["logp"], batch["old_logp"], batch["mask"], batch["group_ids"],
+                                       clip=o.clip_low if o.clip_low is not None else 0.2)
+            d.plot_weight_histograms(hist, os.path.join(out, "weight_histograms.png"))
+        except Exception as e:  # a plot must never stop training
+            self.console.print(f"[yellow]diagnostics plots failed: {type(e).__name__}: {e}[/]")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -771,6 +803,7 @@ class Trainer:
             plot_learning_curves(self.run_dir)
         except Exception as e:  # a plot must never stop training
             self.console.print(f"[yellow]plotting failed: {type(e).__name__}: {e}[/]")
+        self.plot_diagnostics()
 
     def write_summary(self, finished: bool) -> dict:
         cfg = self.cfg
@@ -834,25 +867,12 @@ def _console_line(step: int, m: dict) -> str:
 
 
 def _load_diagnostics():
-    """The trainer's hook into ratiorl.report.diagnostics (None if that module is unavailable)."""
+    """ratiorl.report.diagnostics, or None if it is unavailable."""
     try:
         from ratiorl.report import diagnostics  # noqa: PLC0415
     except Exception:
         return None
-    fn = getattr(diagnostics, "step_scalars", None)
-    if fn is None:
-        return None
-
-    def call(trainer, roll, rows, stats):
-        idx = torch.tensor(rows, dtype=torch.long)
-        p0, c1 = _trim(roll["prompt_ids"][idx], roll["prompt_mask"][idx], roll["completion_mask"][idx])
-        mask = roll["completion_mask"][idx][:, :c1]
-        adv = roll["advantages"][idx]
-        return fn(logp=stats.logp.detach(), old_logp=roll["old_logp"][idx][:, :c1], mask=mask,
-                  advantages=adv[:, :c1] if adv.dim() == 2 else adv, objective=trainer.obj,
-                  group_ids=roll["group_ids"][idx])
-
-    return call
+    return diagnostics if hasattr(diagnostics, "step_scalars") else None
 
 
 def train(config: TrainConfig, resume: bool = False, until: Optional[int] = None, console=None) -> dict:

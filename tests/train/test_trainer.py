@@ -211,3 +211,33 @@ def test_jsonl_dataset_trains(make_config, tmp_path):
         t.close()
     assert len(t.task.eval) == 3 and len(t.task.train) == 27
     assert math.isfinite(m["loss"])
+
+
+def test_lora_trains_only_adapters_and_uses_the_adapter_reference(make_config):
+    cfg = make_config(**{"objective.name": "snib", "lora.enabled": True, "lora.r": 4,
+                         "lora.target_modules": "[c_attn]"})
+    t = Trainer(cfg)
+    try:
+        before = trainable_snapshot(t)
+        m = t.step()
+        after = trainable_snapshot(t)
+    finally:
+        t.close()
+    assert before and all("lora_" in k for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert t.policy.reference == "adapter" and math.isfinite(m["kl"])
+
+
+def test_lagging_sampler_and_recomputed_old_logp(make_config):
+    cfg = make_config(**{"objective.name": "grpo", "train.mini_batches": 2, "rollout.sync_every": 4,
+                         "rollout.recompute_old_logp": True, "train.count_scope": "mini_batch", "train.steps": 2})
+    t = Trainer(cfg)
+    try:
+        t.step()
+        # two updates so far, sync every 4: the sampler still has the initial weights
+        assert any(not torch.equal(a, b) for a, b in zip(t.engine.model.parameters(), t.model.parameters()))
+        m = t.step()
+        assert all(torch.equal(a, b) for a, b in zip(t.engine.model.parameters(), t.model.parameters()))
+    finally:
+        t.close()
+    assert m["updates"] == 4.0
