@@ -180,7 +180,7 @@ def weighted(x, A, w, info, obj):
 @RULES.register("hard")
 def rule_hard(r, A, l, u, reg, obj):
     # GRPO written in this family: zero gradient where the clip is active (DGPO eq. 2)
-    return torch.where(reg.LN | reg.HP, 0.0, r)
+    return r * ~(reg.LN | reg.HP)
 
 
 @RULES.register("cispo")
@@ -211,11 +211,11 @@ def rule_aspo(r, A, l, u, reg, obj):
     # M: 1/r if A > 0, r if A < 0.
     lo_a, hi_a = 1.0 - obj.aspo_clip_low, 1.0 + obj.aspo_clip_high
     inv = r.reciprocal()
-    F = torch.where(reg.pos, inv, r)  # M
+    F = inv * reg.pos + r * reg.neg  # M: 1/r for A > 0, r for A < 0 (pos/neg are A-shaped: cheap, exact)
     lp = torch.where(r < lo_a, lo_a, inv.clamp_(max=hi_a))
     F = torch.where(reg.LP, lp, F)
     F = torch.where(reg.HN, r.clamp(max=hi_a), F)
-    return torch.where(reg.LN | reg.HP, 0.0, F)
+    return F * ~(reg.LN | reg.HP)
 
 
 @RULES.register("dgpo")
