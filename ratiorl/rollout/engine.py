@@ -250,8 +250,11 @@ class HFRolloutEngine:
         model.eval()
         try:
             with torch.inference_mode():
-                out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                            use_cache=True, logits_to_keep=1)
+                prefill = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+                try:  # only the last position's logits are needed
+                    out = model(**prefill, logits_to_keep=1)
+                except TypeError:  # a model whose forward has no logits_to_keep
+                    out = model(**prefill)
                 past = out.past_key_values
                 steps = 0
                 for t in range(max_new_tokens):

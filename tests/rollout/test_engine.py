@@ -61,6 +61,21 @@ def test_old_logp_matches_policy(eos_model_dir, temperature, top_p):
     torch.testing.assert_close(s.logp.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
 
 
+def test_sampling_through_a_lora_model(eos_model_dir):
+    """The sampler may be the PEFT-wrapped policy itself (adapters active while sampling)."""
+    policy = Policy.from_pretrained(eos_model_dir, lora={"r": 4, "fan_in_fan_out": True}, temperature=0.8)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    eng = HFRolloutEngine(policy, policy.tokenizer)  # a Policy is accepted too
+    assert eng.model is policy.model
+    b = eng.generate(PROMPTS, 3, max_new_tokens=8, temperature=0.8, generator=torch.Generator().manual_seed(3))
+    s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, with_ref_logp=True)
+    torch.testing.assert_close(s.logp.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
+    assert (s.ref_logp - b.old_logp).abs().max() > 1e-3  # the adapters were active while sampling
+
+
 def test_llama_style_model(llama_dir):
     policy, eng = engine_for(llama_dir, temperature=0.9)
     b = eng.generate(PROMPTS, 3, max_new_tokens=7, temperature=0.9, generator=torch.Generator().manual_seed(1))
