@@ -1,13 +1,15 @@
 """Forward+backward time of every preset relative to ``grpo`` (B=64, T=1024 by default).
 
-Timings are interleaved: each round runs every preset once (round-robin, ``--iters`` calls each),
-and the reported time is the median over ``--rounds`` rounds, so slow drifts of the machine hit
-all presets alike. Exact-KL presets get a random ``token_kl``; every preset gets ``ref_logp`` and
+Timings are interleaved: each round runs every preset once (round-robin, ``--iters`` calls each,
+keeping the fastest call of the block, i.e. the least disturbed by other processes), and the
+reported time is the median over ``--rounds`` rounds, so slow drifts of the machine hit all
+presets alike. Exact-KL presets get a random ``token_kl``; every preset gets ``ref_logp`` and
 ``group_ids``. The last line is ``max_ratio=<x> preset=<name>`` for the slowest preset without
-exact KL, grpo itself excluded (target: <= 1.05). On a shared machine pass ``--threads 1``:
-intra-op threads fighting other processes make the timings noisy.
+exact KL, grpo itself excluded (target: <= 1.05). CPU timings are single-threaded by default
+(``--threads 0`` keeps torch's default); ``--device cuda`` times on a GPU.
 
-    python benchmarks/objective_overhead.py [--B 64] [--T 1024] [--rounds 15] [--iters 5] [--device cpu]
+    python benchmarks/objective_overhead.py [--B 64] [--T 1024] [--rounds 20] [--iters 5] [--threads 1]
+                                            [--device cpu] [--only ctpo,aspo]
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--B", type=int, default=64)
     ap.add_argument("--T", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1: on a shared machine intra-op threads fighting "
+                         "other processes dominate the timings; 0 leaves torch's default)")
     ap.add_argument("--only", default="", help="comma-separated presets to time (grpo is always included)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -69,12 +73,14 @@ def main(argv=None):
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
-            sync()
-            t0 = time.perf_counter()
+            block = []
             for _ in range(args.iters):
+                sync()
+                t0 = time.perf_counter()
                 step(objs[n], d)
-            sync()
-            times[n].append((time.perf_counter() - t0) / args.iters)
+                sync()
+                block.append(time.perf_counter() - t0)
+            times[n].append(min(block))  # least-disturbed call of the block; median over rounds
     med = {n: statistics.median(v) for n, v in times.items()}
     base = med["grpo"]
     print(f"B={args.B} T={args.T} device={dev} threads={torch.get_num_threads()} rounds={args.rounds} iters={args.iters}")

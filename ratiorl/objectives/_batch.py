@@ -41,8 +41,13 @@ class BatchInfo:
         so this is one (1, T) row; otherwise cumsum(m) ** p.
         """
         if self._right_padded is None:
-            ar = torch.arange(self.T, device=self.mask.device)
-            self._right_padded = bool(torch.equal(self.mask_bool, ar[None, :] < self.lengths[:, None]))
+            # a 0/1 row with L ones has sum_t t*m_t >= L(L-1)/2, with equality iff the ones are t < L;
+            # one matrix-vector product, exact in float32 while T(T-1)/2 < 2^24
+            self._right_padded = False
+            if self.T * (self.T - 1) / 2 < 2**24:
+                ar = torch.arange(self.T, device=self.mask.device, dtype=self.mask.dtype)
+                L = self.lengths
+                self._right_padded = bool(((self.mask @ ar) == L * (L - 1) / 2).all())
         if self._right_padded:
             return torch.arange(1, self.T + 1, device=self.mask.device, dtype=self.mask.dtype).pow(p)[None, :]
         return self.pos.pow(p)
