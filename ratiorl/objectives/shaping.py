@@ -220,9 +220,15 @@ def rule_aspo(r, A, l, u, reg, obj):
     lo_a, hi_a = 1.0 - obj.aspo_clip_low, 1.0 + obj.aspo_clip_high
     inv = r.reciprocal()
     F = inv * reg.pos + r * reg.neg  # M: 1/r for A > 0, r for A < 0 (pos/neg are A-shaped: cheap, exact)
-    lp = torch.where(r < lo_a, lo_a, inv.clamp_(max=hi_a))
-    F = torch.where(reg.LP, lp, F)
-    F = torch.where(reg.HN, r.clamp(max=hi_a), F)
+    if u <= hi_a and l * hi_a >= 1.0 and lo_a <= l:
+        # the usual parameters (defaults: u = 1.2 <= 4, l * 4 >= 1, 0.67 <= 0.8): the cap 1 + c_high
+        # never binds on M, so LP (above 1 - c_low), M and HN are all min(F, 1 + c_high): same F, fewer ops
+        F = F.clamp_(max=hi_a)
+        F = torch.where(_and(r < lo_a, reg.pos), lo_a, F)
+    else:
+        lp = torch.where(r < lo_a, lo_a, inv.clamp_(max=hi_a))
+        F = torch.where(reg.LP, lp, F)
+        F = torch.where(reg.HN, r.clamp(max=hi_a), F)
     return F * ~(reg.LN | reg.HP)
 
 

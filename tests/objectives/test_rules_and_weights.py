@@ -182,12 +182,13 @@ def test_presets_and_exports():
         obj.beta = 1.0  # frozen
 
 
-@pytest.mark.parametrize("overrides", [dict(aspo_clip_high=0.1, aspo_clip_low=0.1), dict(aspo_clip_low=0.5, clip_low=0.1)])
+@pytest.mark.parametrize("overrides", [dict(aspo_clip_high=0.1, aspo_clip_low=0.1), dict(aspo_clip_low=0.5, clip_low=0.1),
+                                       dict(aspo_clip_low=0.1), dict(aspo_clip_high=0.15), dict(clip_high=5.0)])
 def test_aspo_unusual_parameters_match_reference(overrides):
     from ._reference import reference_loss
 
     obj = ratiorl.objective("aspo", **overrides)
-    d = make_batch(scale=0.5, token_adv=True)
+    d = make_batch(B=12, T=14, scale=0.5, token_adv=True)  # big enough to populate every region
     out, g, _ = loss_and_grad(obj, d)
     logp = d["logp"].clone().requires_grad_(True)
     ref = reference_loss(obj, logp, d["old"], d["adv"], d["mask"], d["group_ids"], d["ref"], d["token_kl"])
