@@ -24,7 +24,8 @@ How time is measured: the same subprocesses time their full-size forward + backw
 ``time.perf_counter`` (after the warm-up); variants are interleaved (lean, naive, lean, naive,
 ...) so that load from other processes hits both alike, and the median per variant is used.
 
-Usage: ``python benchmarks/logprob_memory.py [--repeats 3]``. The last line is
+Usage: ``python benchmarks/logprob_memory.py [--repeats 3]`` (``--batch/--seq/--hidden/--vocab``
+change the sizes for a quick look). The last line is
 ``peak_memory_ratio=<lean/naive> time_ratio=<lean/naive>`` (targets: <= 0.15 and <= 1.5).
 """
 
@@ -74,27 +75,30 @@ def _run(variant, inputs, vocab_chunk, token_chunk):
         out = naive_token_stats(h, W, targets, **kw)
     loss = sum((o * u).sum() for o, u in zip(out, up))
     gh, gW = torch.autograd.grad(loss, [h, W])
-    return float(loss), gh, gW
+    return loss.item(), gh, gW
 
 
-def worker(variant, vocab_chunk, token_chunk):
+def worker(variant, vocab_chunk, token_chunk, N, Hd, Vd):
     """One measurement in this (fresh) process; prints a JSON line."""
     import time
 
     import torch
 
-    small = _make_inputs(256, H, 4096, seed=1)
+    small = _make_inputs(256, Hd, 4096, seed=1)
     _run(variant, small, min(vocab_chunk, 4096), token_chunk)  # warm-up at a small size
     del small
-    inputs = _make_inputs(B * T, H, V)
+    inputs = _make_inputs(N, Hd, Vd)
     base = _rss_mib()
     t0 = time.perf_counter()
     loss, gh, gW = _run(variant, inputs, vocab_chunk, token_chunk)
     dt = time.perf_counter() - t0
     peak = _rss_mib()
+    # fingerprints of the gradients (after the measurement): random projections
+    g = torch.Generator().manual_seed(123)
+    proj_h = float((gh.double() * torch.randn(gh.shape, generator=g, dtype=torch.float64)).sum())
+    proj_W = float((gW.double() * torch.randn(gW.shape, generator=g, dtype=torch.float64)).sum())
     print(json.dumps({"variant": variant, "time_s": dt, "peak_mib": peak - base, "loss": loss,
-                      "grad_h_norm": float(gh.norm()), "grad_W_norm": float(gW.norm()),
-                      "threads": torch.get_num_threads()}))
+                      "grad_h_proj": proj_h, "grad_W_proj": proj_W, "threads": torch.get_num_threads()}))
 
 
 def main():
@@ -102,6 +106,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab-chunk", type=int, default=None)
     ap.add_argument("--token-chunk", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=B)
+    ap.add_argument("--seq", type=int, default=T)
+    ap.add_argument("--hidden", type=int, default=H)
+    ap.add_argument("--vocab", type=int, default=V)
     ap.add_argument("--worker", choices=["lean", "naive"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -109,18 +117,20 @@ def main():
 
     vc = args.vocab_chunk or DEFAULT_VOCAB_CHUNK
     tc = args.token_chunk or DEFAULT_TOKEN_CHUNK
+    sizes = ["--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
     if args.worker:
-        worker(args.worker, vc, tc)
+        worker(args.worker, vc, tc, args.batch * args.seq, args.hidden, args.vocab)
         return
 
-    print(f"N = B*T = {B}*{T} = {B*T} positions, H = {H}, V = {V}, float32, temperature {TEMPERATURE}")
+    print(f"N = B*T = {args.batch}*{args.seq} = {args.batch * args.seq} positions, H = {args.hidden}, "
+          f"V = {args.vocab}, float32, temperature {TEMPERATURE}")
     print(f"lean tiles: token_chunk = {tc}, vocab_chunk = {vc}; {args.repeats} interleaved repeats, "
           "each in a fresh subprocess (peak RSS above a post-allocation baseline)")
     results = {"lean": [], "naive": []}
     for r in range(args.repeats):
         for variant in ("lean", "naive"):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant,
-                   "--vocab-chunk", str(vc), "--token-chunk", str(tc)]
+                   "--vocab-chunk", str(vc), "--token-chunk", str(tc), *sizes]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             results[variant].append(res)
@@ -129,9 +139,11 @@ def main():
 
     lean, naive = results["lean"], results["naive"]
     # Same numbers from both paths (a benchmark of a wrong computation would be meaningless).
-    rel = abs(lean[0]["loss"] - naive[0]["loss"]) / max(1e-12, abs(naive[0]["loss"]))
-    rel_g = abs(lean[0]["grad_W_norm"] - naive[0]["grad_W_norm"]) / naive[0]["grad_W_norm"]
-    print(f"agreement: relative loss difference {rel:.2e}, grad_W norm difference {rel_g:.2e}")
+    def rel(key):
+        return abs(lean[0][key] - naive[0][key]) / max(1e-12, abs(naive[0][key]))
+
+    print(f"agreement (relative differences): loss {rel('loss'):.1e}, random projection of grad_h "
+          f"{rel('grad_h_proj'):.1e}, of grad_W {rel('grad_W_proj'):.1e}")
     mem_l = statistics.median(x["peak_mib"] for x in lean)
     mem_n = statistics.median(x["peak_mib"] for x in naive)
     t_l = statistics.median(x["time_s"] for x in lean)

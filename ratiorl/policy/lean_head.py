@@ -267,9 +267,8 @@ def lean_token_stats(
             when ``with_kl``. ``ref_weight`` defaults to ``weight`` (and ``ref_bias`` to
             ``bias``), as for a LoRA reference with the adapters disabled. No gradient flows
             into the reference.
-        vocab_chunk, token_chunk: tile sizes; never more than token_chunk x vocab_chunk
-            floats of logits exist at once.
-
+        vocab_chunk, token_chunk: tile sizes; only a few token_chunk x vocab_chunk tiles of
+            logits exist at any time (about 0.2 GB at the defaults, float32).
         return_ref_logp: with ``with_kl``, also return log pi_ref(y_n) (no gradient), which
             the KL pass computes anyway.
 
