@@ -122,7 +122,7 @@ class Objective:
                 "value per sequence, so there is no per-position ratio to clip; use a token-level weight "
                 f"({', '.join(k for k, f in WEIGHTS.items() if f.level == 'token')}) or shaping='clip'"
             )
-        if placement.needs_sequence_weight and w.level != "sequence":
+        if self.beta > 0 and placement.needs_sequence_weight and w.level != "sequence":
             raise ValueError(
                 f"kl_placement={self.kl_placement!r} weights each sequence's mean KL by its sequence weight "
                 f"(SNIB Alg. 1 line 11), but weight={self.weight!r} is per token; use a sequence-level weight "

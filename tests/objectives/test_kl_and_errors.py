@@ -74,6 +74,10 @@ def test_meaningless_combinations_say_why():
         ratiorl.objective("snib", shaping="position_clip")
     with pytest.raises(ValueError, match="per token"):
         ratiorl.objective("grpo", kl_placement="is_weighted")
+    # without a KL term the placement is unused, so a token-level weight is fine
+    ratiorl.objective("vanilla_is", weight="sequence_token", beta=0.0)
+    with pytest.raises(ValueError, match="per token"):
+        ratiorl.objective("vanilla_is", weight="sequence_token", beta=0.1)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         ratiorl.objective("ppo", dual_clip=0.5)
     with pytest.raises(ValueError, match="clip_low"):
