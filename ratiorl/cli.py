@@ -70,11 +70,14 @@ def cmd_demo(args, extra):
 
     s = run_demo(args.out, config_path=args.config, overrides=extra, console=_console())
     print(json.dumps(s, indent=2))
-    print(f"\n{s['eval_metric']}")
+    print(f"\nheadline metric: {s['eval_metric']}")
     print(f"eval accuracy before RL (after SFT): {s['eval_accuracy_before']:.3f}")
     print(f"eval accuracy after RL ({s['objective']}, {s['steps']} steps): {s['eval_accuracy_after']:.3f} "
           f"({s['eval_accuracy_gain_points']:+.1f} points)")
-    print(f"greedy accuracy: {s['greedy_accuracy_before']:.3f} -> {s['greedy_accuracy_after']:.3f}")
+    for key in sorted(s):
+        if key.endswith("_before") and key != "eval_accuracy_before" and s[key] is not None:
+            name = key[: -len("_before")]
+            print(f"  {name}: {s[key]:.3f} -> {s[name + '_after']:.3f}")
     print(f"wall time: {s['wall_seconds']:.0f} s (SFT {s['sft_seconds']:.0f} s, RL {s['rl_seconds']:.0f} s)")
 
 

@@ -129,6 +129,7 @@ class EvalConfig:
     temperature: Optional[float] = None  # None = rollout temperature
     greedy: bool = True  # also report greedy exact-match accuracy
     before: bool = True  # evaluate at step 0
+    headline: str = "avg@k"  # which number summary.json calls eval_accuracy: avg@k | greedy | pass@k
 
 
 @dataclass
@@ -390,6 +391,8 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(cfg.task.name not in ("jsonl", "hf") or cfg.task.path, f"task.name={cfg.task.name} needs task.path")
     need(cfg.eval.k >= 1, "eval.k must be >= 1")
+    need(cfg.eval.headline in ("avg@k", "greedy", "pass@k"), "eval.headline must be avg@k, greedy or pass@k")
+    need(cfg.eval.headline != "greedy" or cfg.eval.greedy, "eval.headline=greedy needs eval.greedy=true")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
 
 

@@ -44,37 +44,38 @@ def run_demo(out_dir: str = "runs/demo", config_path: Optional[str] = None, over
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     console.print(f"[bold]1/2 supervised warm start[/] ({cfg.sft.steps} steps on {cfg.sft.task}) -> {cfg.model.path}")
-    run_sft(cfg.model.path, cfg.sft, progress=_sft_progress(console, cfg.sft.steps))
+    sft = run_sft(cfg.model.path, cfg.sft, progress=_sft_progress(console, cfg.sft.steps))
     t_sft = time.perf_counter() - t0
+    if sft.get("greedy_accuracy") is not None:
+        console.print(f"  stopped after {sft['steps']} steps: greedy accuracy {sft['greedy_accuracy']:.2f} "
+                      f"on {cfg.sft.check_prompts} training prompts (target {cfg.sft.target_accuracy})")
     console.print(f"[bold]2/2 RL with {cfg.objective.name}[/] ({cfg.train.steps} steps) -> {out_dir}")
     rl = train(cfg, console=console)
     wall = time.perf_counter() - t0
+    before, after = rl["eval_accuracy_before"], rl["eval_accuracy_after"]
     summary = {
         "objective": cfg.objective.name,
         "task": cfg.task.name,
         "steps": rl["steps"],
         "wall_seconds": round(wall, 2),
         "sft_seconds": round(t_sft, 2),
+        "sft_steps": sft["steps"],
         "rl_seconds": round(wall - t_sft, 2),
         "eval_metric": rl["eval_metric"],
-        "eval_accuracy_before": rl["eval_accuracy_before"],
-        "eval_accuracy_after": rl["eval_accuracy_after"],
-        "eval_accuracy_gain_points": round(100 * (rl["eval_accuracy_after"] - rl["eval_accuracy_before"]), 2),
-        "eval_pass_at_k_before": rl["eval_pass_at_k_before"],
-        "eval_pass_at_k_after": rl["eval_pass_at_k_after"],
-        "greedy_accuracy_before": rl["greedy_accuracy_before"],
-        "greedy_accuracy_after": rl["greedy_accuracy_after"],
-        "seed": cfg.seed,
-        "torch_threads": torch.get_num_threads(),
-        "config": os.path.join(out_dir, "config.yaml"),
+        "eval_accuracy_before": before,
+        "eval_accuracy_after": after,
+        "eval_accuracy_gain_points": None if before is None or after is None else round(100 * (after - before), 2),
     }
+    summary.update({k: v for k, v in rl.items() if k.startswith(("eval_avg", "eval_pass", "greedy_", "eval_temp"))})
+    summary.update({"seed": cfg.seed, "torch_threads": torch.get_num_threads(),
+                    "config": os.path.join(out_dir, "config.yaml")})
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
 def _sft_progress(console, total: int):
-    every = max(1, total // 5)
+    every = 100
 
     def cb(step, n, loss):
         if step % every == 0 or step == n:

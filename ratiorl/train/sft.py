@@ -22,13 +22,21 @@ import torch
 @dataclass
 class SFTConfig:
     task: str = "addition"
-    task_options: dict = field(default_factory=dict)
-    steps: int = 650  # stopped early on purpose: the model is partly right, so RL has work to do
+    # 5000 distinct training sums (of 10^4): the model has to learn addition, not memorise
+    task_options: dict = field(default_factory=lambda: {"n_train": 5000})
+    steps: int = 1500  # at most; with target_accuracy it stops early, partly right, so RL has work to do
     batch_size: int = 64
     lr: float = 1e-2
     warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
+    # Stop as soon as greedy accuracy on `check_prompts` training prompts reaches this (checked every
+    # `check_every` steps; null = always run `steps`). Small models learn addition in a sudden
+    # transition whose timing varies with the machine's float rounding, so a fixed step count
+    # can land before or after it; an accuracy target lands at "partly right" everywhere.
+    target_accuracy: Optional[float] = 0.45
+    check_every: int = 25
+    check_prompts: int = 100
     # keyword arguments of make_tiny_model
     model_sizes: dict = field(default_factory=lambda: {"n_layer": 2, "n_head": 4, "n_embd": 64})
 
@@ -59,11 +67,12 @@ def make_sft_batch(tok, examples: list):
 
 def sft_train(model, tok, examples: list, *, steps: int, batch_size: int, lr: float,
               warmup_steps: int = 20, weight_decay: float = 0.0, seed: int = 0,
-              dropout: bool = False, progress=None) -> list:
+              dropout: bool = False, progress=None, stop=None, check_every: int = 25) -> list:
     """Train in place; returns the loss per step. Deterministic from `seed`.
 
     ``dropout=False`` keeps the model in eval mode (no dropout): faster and steadier for the tiny
-    models this is meant for, and the same mode the RL trainer uses.
+    models this is meant for, and the same mode the RL trainer uses. ``stop(step) -> bool`` is
+    called every ``check_every`` steps; training ends when it returns True.
     """
     rng = random.Random(seed)
     order: list = []
@@ -97,6 +106,12 @@ def sft_train(model, tok, examples: list, *, steps: int, batch_size: int, lr: fl
             losses.append(float(out.loss.detach()))
             if progress is not None:
                 progress(step + 1, steps, losses[-1])
+            if stop is not None and (step + 1) % check_every == 0:
+                model.eval()
+                done = stop(step + 1)
+                model.train(dropout)
+                if done:
+                    break
     model.eval()
     return losses
 
@@ -109,9 +124,24 @@ def run_sft(out_dir: str, cfg: Optional[SFTConfig] = None, progress=None) -> dic
     cfg = cfg or SFTConfig()
     task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     model, tok = make_tiny_model(seed=cfg.seed, **cfg.model_sizes)
+    checks: list = []
+    stop = None
+    if cfg.target_accuracy is not None:
+        from ratiorl.rollout import HFRolloutEngine  # noqa: PLC0415
+
+        engine = HFRolloutEngine(model, tok)
+        held = task.train[: cfg.check_prompts]
+        width = max(len(_encode(tok, ex.get("completion", ex["answer"]))) for ex in held) + 1
+
+        def stop(step):
+            b = engine.generate([ex["prompt"] for ex in held], 1, max_new_tokens=width, temperature=0.0)
+            acc = sum(task.check(t, ex["answer"]) for t, ex in zip(b.completion_texts, held)) / len(held)
+            checks.append((step, acc))
+            return acc >= cfg.target_accuracy
+
     losses = sft_train(model, tok, task.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                       progress=progress)
+                       progress=progress, stop=stop, check_every=cfg.check_every)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     model.save_pretrained(tmp)
@@ -119,11 +149,13 @@ def run_sft(out_dir: str, cfg: Optional[SFTConfig] = None, progress=None) -> dic
     import json  # noqa: PLC0415
 
     with open(os.path.join(tmp, "sft.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "final_loss": losses[-1] if losses else None}, f, indent=2)
+        json.dump({"config": asdict(cfg), "final_loss": losses[-1] if losses else None, "steps_run": len(losses),
+                   "greedy_accuracy_checks": checks}, f, indent=2)
     if os.path.exists(out_dir):
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     os.replace(tmp, out_dir)
-    return {"out_dir": out_dir, "final_loss": losses[-1] if losses else None, "steps": cfg.steps}
+    return {"out_dir": out_dir, "final_loss": losses[-1] if losses else None, "steps": len(losses),
+            "greedy_accuracy": checks[-1][1] if checks else None}

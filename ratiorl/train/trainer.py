@@ -124,18 +124,22 @@ def lr_lambda(optim, total_updates: int):
 
 
 def ensure_model(cfg: TrainConfig, console=None) -> str:
-    """The model path; the default tiny model is created with `ratiorl sft` settings if missing."""
+    """The model path. A missing local folder under runs/ (the examples' default tiny model) is
+    created with the config's `sft:` settings when `model.auto_create` is on; a name that looks like
+    a hub id ("org/name") is left to `from_pretrained`."""
     path = cfg.model.path
     if os.path.exists(path):
         return path
-    looks_local = path.startswith((".", "/", "runs")) or os.sep in path and not path.count("/") == 1
-    if cfg.model.auto_create and (path == DEFAULT_MODEL_PATH or looks_local):
+    norm = os.path.normpath(path)
+    if cfg.model.auto_create and (path == DEFAULT_MODEL_PATH or norm.split(os.sep)[0] == "runs"):
         from .sft import run_sft  # noqa: PLC0415
 
         if console is not None:
-            console.print(f"[yellow]model {path} not found: creating the tiny default model (ratiorl sft)[/]")
+            console.print(f"[yellow]model {path} not found: creating it with `ratiorl sft` settings[/]")
         run_sft(path, cfg.sft)
         return path
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ValueError(f"model.path={path!r} does not exist (create the tiny model with `ratiorl sft --out {path}`)")
     return path  # a hub name: from_pretrained will say if it cannot be found
 
 
@@ -169,6 +173,8 @@ def concat_rollouts(parts: list) -> dict:
             out[key] = torch.cat([_pad_to(v, Tc, pad_value, left=False) for v in vals])
         elif isinstance(vals[0], torch.Tensor):
             out[key] = torch.cat(vals)
+        elif key in ("gen_seconds", "reward_seconds"):
+            out[key] = sum(vals)
         else:
             out[key] = vals[0]
     return out
@@ -808,6 +814,15 @@ class Trainer:
     def write_summary(self, finished: bool) -> dict:
         cfg = self.cfg
         before, after = self.eval_before, self.last_eval
+        temp = after.get("eval/temperature", cfg.rollout.temperature)
+        n = min(cfg.eval.num_prompts, len(self.task.eval))
+        k = cfg.eval.k
+        metric_text = {
+            "avg@k": f"avg@{k}: exact-match accuracy averaged over {k} samples per prompt at temperature {temp}",
+            "pass@k": f"pass@{k}: fraction of prompts with a correct answer among {k} samples at temperature {temp}",
+            "greedy": "greedy: exact-match accuracy of the greedy (temperature 0) answer",
+        }[cfg.eval.headline] + f", on {n} held-out prompts"
+        key = {"avg@k": "eval/avg@k", "pass@k": "eval/pass@k", "greedy": "eval/greedy_acc"}[cfg.eval.headline]
         summary = {
             "objective": cfg.objective.name,
             "advantage": self.adv_method,
@@ -817,15 +832,16 @@ class Trainer:
             "finished": finished,
             "wall_seconds": round(self.wall_seconds(), 2),
             "seed": cfg.seed,
-            "eval_metric": (f"avg@{cfg.eval.k}: exact-match accuracy averaged over {cfg.eval.k} samples per "
-                            f"prompt at temperature {after.get('eval/temperature', cfg.rollout.temperature)} "
-                            f"on {min(cfg.eval.num_prompts, len(self.task.eval))} held-out prompts"),
-            "eval_accuracy_before": before.get("eval/avg@k"),
-            "eval_accuracy_after": after.get("eval/avg@k"),
-            "eval_pass_at_k_before": before.get("eval/pass@k"),
-            "eval_pass_at_k_after": after.get("eval/pass@k"),
+            "eval_metric": metric_text,
+            "eval_accuracy_before": before.get(key),
+            "eval_accuracy_after": after.get(key),
+            f"eval_avg_at_{k}_before": before.get("eval/avg@k"),
+            f"eval_avg_at_{k}_after": after.get("eval/avg@k"),
+            f"eval_pass_at_{k}_before": before.get("eval/pass@k"),
+            f"eval_pass_at_{k}_after": after.get("eval/pass@k"),
             "greedy_accuracy_before": before.get("eval/greedy_acc"),
             "greedy_accuracy_after": after.get("eval/greedy_acc"),
+            "eval_temperature": temp,
             "run_dir": self.run_dir,
         }
         tmp = os.path.join(self.run_dir, "summary.json.tmp")
