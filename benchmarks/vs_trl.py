@@ -23,6 +23,11 @@ Usage::
     python benchmarks/vs_trl.py --rounds 8 --block 6 --num-iterations 2
     python benchmarks/vs_trl.py --profile            # also cProfile a few ratiorl steps
 
+Both run with one intra-op thread by default (``--threads``). On a shared CPU, two OpenMP
+threads per process under load turn every tiny kernel into a wait for a descheduled thread
+(the sampling loop was 14x slower with 2 threads than with 1 here), which swamps what is being
+compared. ``--threads 0`` keeps torch's default, for a quiet machine.
+
 The last line printed is ``speedup=<trl_s_per_step / ratiorl_s_per_step>``.
 """
 
@@ -64,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=6, help="RL steps per library per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed RL steps per library first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for both libraries (0: torch's default). One thread by "
+                        "default: on a machine shared with other jobs, OpenMP threads waiting for each "
+                        "other make every small kernel slow and the timings meaningless")
     p.add_argument("--profile", action="store_true",
                    help="after the timing, cProfile --profile-steps ratiorl steps and print the top")
     p.add_argument("--profile-steps", type=int, default=10)
@@ -501,6 +509,8 @@ def main(argv=None):
                   "gradient_checkpointing=False, bf16=False, disable_dropout=True, use_cpu=True)")
             sides.append(side)
 
+        if args.threads and torch.get_num_threads() != args.threads:  # in case a library changed it
+            torch.set_num_threads(args.threads)
         times = {s.name: [] for s in sides}
         phases = {s.name: [] for s in sides}
         for s in sides:  # warm-up (not timed)
