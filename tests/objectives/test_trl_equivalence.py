@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import os
+
 import torch
 
 pytest.importorskip("trl")
@@ -140,7 +142,10 @@ KL_VARIANTS = {
     ),
 }
 
-# batch layouts: (B, T, group size, dtype, seed, an empty response?)
+# A new base seed each run unless RATIORL_TEST_SEED is set (to replay a failure).
+RUN_SEED = int(os.environ.get("RATIORL_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+# batch layouts: (B, T, group size, dtype, seed offset, an empty response?)
 SHAPES = {
     "b8t7": (8, 7, 4, torch.float64, 11, False),
     "b6t12_empty": (6, 12, 3, torch.float64, 23, True),
@@ -161,6 +166,8 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
     Padding positions hold arbitrary finite values in every tensor: neither side may use them.
     """
     B, T, G, dtype, seed, with_empty = SHAPES[shape_key]
+    seed = seed + RUN_SEED  # fresh inputs every run; printed so a failure can be replayed
+    print(f"make_batch({shape_key!r}): seed={seed} (set RATIORL_TEST_SEED={RUN_SEED} to replay)")
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T  # at least one full-length response
