@@ -24,19 +24,21 @@ class SFTConfig:
     task: str = "addition"
     # 5000 distinct training sums (of 10^4): the model has to learn addition, not memorise
     task_options: dict = field(default_factory=lambda: {"n_train": 5000})
-    steps: int = 1500  # at most; with target_accuracy it stops early, partly right, so RL has work to do
+    steps: int = 650  # stopped early on purpose: the model is partly right, so RL has work to do
     batch_size: int = 64
     lr: float = 1e-2
     warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
-    # Stop as soon as greedy accuracy on `check_prompts` training prompts reaches this (checked every
-    # `check_every` steps; null = always run `steps`). Small models learn addition in a sudden
-    # transition whose timing varies with the machine's float rounding, so a fixed step count
-    # can land before or after it; an accuracy target lands at "partly right" everywhere.
-    target_accuracy: Optional[float] = 0.45
+    # Optionally stop as soon as greedy accuracy on `check_prompts` training prompts reaches this
+    # (checked every `check_every` steps; null = always run `steps`).
+    target_accuracy: Optional[float] = None
     check_every: int = 25
     check_prompts: int = 100
+    # torch threads during SFT (restored afterwards). The float rounding of a multi-threaded matmul
+    # depends on the thread count, and that is enough to move where the model "gets" addition, so
+    # the warm start is pinned to one thread: the same seed gives the same model on any core count.
+    threads: Optional[int] = 1
     # keyword arguments of make_tiny_model
     model_sizes: dict = field(default_factory=lambda: {"n_layer": 2, "n_head": 4, "n_embd": 64})
 
@@ -139,9 +141,15 @@ def run_sft(out_dir: str, cfg: Optional[SFTConfig] = None, progress=None) -> dic
             checks.append((step, acc))
             return acc >= cfg.target_accuracy
 
-    losses = sft_train(model, tok, task.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                       progress=progress, stop=stop, check_every=cfg.check_every)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        losses = sft_train(model, tok, task.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                           warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                           progress=progress, stop=stop, check_every=cfg.check_every)
+    finally:
+        torch.set_num_threads(threads_before)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     model.save_pretrained(tmp)
