@@ -37,10 +37,9 @@ the mean over sequences, as SPEC section 5 says for `sequence` aggregation.
 from __future__ import annotations
 
 import dataclasses
-
-import pytest
 import os
 
+import pytest
 import torch
 
 pytest.importorskip("trl")
