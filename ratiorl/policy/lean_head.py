@@ -41,17 +41,29 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _tile_logits(hs, W, bs, v0, v1, cdtype):
-    """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), in cdtype.
+def _tile_logits(hs, W, bs, v0, v1, cdtype, out):
+    """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), written into ``out``.
 
     The temperature is folded into the (small) inputs: hs = h / T and bs = b / T, so that
     z = hs W^T + bs costs one matmul and no extra pass over the tile. Low-precision weights are
-    upcast per chunk so that bf16/fp16 models get float32 logits.
+    upcast per chunk so that bf16/fp16 models get float32 logits. Writing into a preallocated
+    buffer matters on CPU: a fresh 32 MB tensor per tile costs more in page faults than the
+    elementwise work done on it.
     """
     Wc = W[v0:v1].to(cdtype)
     if bs is None:
-        return hs @ Wc.T
-    return torch.addmm(bs[v0:v1], hs, Wc.T)
+        return torch.mm(hs, Wc.T, out=out)
+    return torch.addmm(bs[v0:v1], hs, Wc.T, out=out)
+
+
+class _Workspace:
+    """Reusable tile buffers: ``tile(k, rows, cols)`` is a contiguous (rows, cols) view."""
+
+    def __init__(self, n, rows, cols, dtype, device):
+        self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(n)]
+
+    def tile(self, k, rows, cols):
+        return self.bufs[k][: rows * cols].view(rows, cols)
 
 
 def _scaled(h, b, temperature, cdtype):
@@ -86,6 +98,7 @@ def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, toke
     lseq = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None
     cross = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None  # sum p log q
 
+    ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, hs.device)
     for n0 in range(0, N, token_chunk):
         n1 = min(N, n0 + token_chunk)
         hc = hs[n0:n1]
@@ -93,20 +106,18 @@ def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, toke
         m = s = a = mq = sq = c = None
         for v0 in range(0, V, vocab_chunk):
             v1 = min(V, v0 + vocab_chunk)
-            zs = _tile_logits(hc, W, bs, v0, v1, cdtype)
+            zs = _tile_logits(hc, W, bs, v0, v1, cdtype, ws.tile(0, n1 - n0, v1 - v0))
             m_new = zs.amax(dim=1) if m is None else torch.maximum(m, zs.amax(dim=1))
             zs.sub_(m_new[:, None])  # z - m'
-            e = zs.exp()
-            s_tile, a_tile = e.sum(1), torch.linalg.vecdot(e, zs)
-            del zs
+            e = torch.exp(zs, out=ws.tile(1, n1 - n0, v1 - v0))
+            s_tile = e.sum(1)
+            a_tile = zs.mul_(e).sum(1)  # sum_v e_v (z_v - m'); zs is not needed afterwards
             if with_ref:
-                zqs = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype)
+                zqs = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype, ws.tile(2, n1 - n0, v1 - v0))
                 mq_new = zqs.amax(dim=1) if mq is None else torch.maximum(mq, zqs.amax(dim=1))
                 zqs.sub_(mq_new[:, None])  # zq - mq'
-                c_tile = torch.linalg.vecdot(e, zqs)
+                c_tile = torch.mul(e, zqs, out=ws.tile(0, n1 - n0, v1 - v0)).sum(1)
                 sq_tile = zqs.exp_().sum(1)
-                del zqs
-            del e
             if m is None:
                 s, a = s_tile, a_tile
                 if with_ref:
@@ -202,6 +213,7 @@ class _LeanHeadFn(torch.autograd.Function):
         c1 = gk - ge
         c2 = -gk
         use_c1 = g_ent is not None or g_kl is not None
+        ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, h.device)
         for n0 in range(0, N, token_chunk):
             n1 = min(N, n0 + token_chunk)
             hc = hs[n0:n1]
@@ -211,26 +223,23 @@ class _LeanHeadFn(torch.autograd.Function):
                 rc, lseq_c = ref_hs[n0:n1], lseq[n0:n1, None]
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
-                logp_v = _tile_logits(hc, W, bs, v0, v1, cdtype).sub_(lse_c)  # log p_v
-                p = logp_v.exp()
+                shape = (n1 - n0, v1 - v0)
+                coef = _tile_logits(hc, W, bs, v0, v1, cdtype, ws.tile(0, *shape)).sub_(lse_c)  # log p_v
+                p = torch.exp(coef, out=ws.tile(1, *shape))
                 if use_c1:
-                    coef = torch.addcmul(c0_c, c1_c, logp_v)
+                    coef.mul_(c1_c).add_(c0_c)  # c0 + c1 log p_v
                 else:
-                    coef = c0_c
-                del logp_v
+                    coef.copy_(c0_c.expand(shape))
                 if g_kl is not None:
-                    logq_v = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype).sub_(lseq_c)  # log q_v
-                    coef.addcmul_(c2_c, logq_v)
-                    del logq_v
+                    logq_v = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype, ws.tile(2, *shape)).sub_(lseq_c)
+                    coef.addcmul_(c2_c, logq_v)  # + c2 log q_v
                 dz = p.mul_(coef)  # dL/dz for this tile (before the 1/T of eq. (1))
-                del coef
                 if need_h:
                     grad_h[n0:n1].addmm_(dz, W[v0:v1].to(cdtype))
                 if need_W:
                     grad_W[v0:v1].addmm_(dz.T, hc)
                 if need_b:
                     grad_b[v0:v1] += dz.sum(0)
-                del dz
 
         return (
             (grad_h / T).to(h.dtype) if need_h else None,
