@@ -115,3 +115,18 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert key in s
     assert s["objective"] == "snib" and s["steps"] == 1
     assert os.path.exists(os.path.join(out, "sft-model", "config.json"))
+
+
+def test_lab_passes_options_to_run_lab(tmp_path, monkeypatch, capsys):
+    import ratiorl.lab
+
+    seen = {}
+
+    def fake_run_lab(out_dir, seed=0, quick=False, **kw):
+        seen.update(out_dir=out_dir, seed=seed, quick=quick, **kw)
+        return {"claims": {}, "runtime_s": 0.0}
+
+    monkeypatch.setattr(ratiorl.lab, "run_lab", fake_run_lab)
+    assert main(["lab", "--out", str(tmp_path), "--seed", "3", "--quick", "--K", "100"]) == 0
+    assert seen == {"out_dir": str(tmp_path), "seed": 3, "quick": True, "K": 100}
+    assert json.loads(capsys.readouterr().out)["claims"] == {}

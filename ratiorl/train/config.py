@@ -153,6 +153,7 @@ class LoggingConfig:
 class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"
+    threads: Optional[int] = None  # torch CPU threads for the run (None = torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -225,6 +225,8 @@ class Trainer:
         self.cfg = cfg = config
         self.console = console or Console(stderr=True)
         self.t_start = time.perf_counter()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.run_dir = cfg.out_dir
         os.makedirs(self.run_dir, exist_ok=True)
