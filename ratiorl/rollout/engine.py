@@ -227,6 +227,11 @@ class HFRolloutEngine:
         T = 1.0 if greedy else float(temperature)
 
         model, dev = self.model, self.device
+        if generator is not None and generator.device != dev:
+            # e.g. a CPU generator with a CUDA model: derive a device generator from it, so
+            # results stay reproducible and the caller's generator still advances.
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            generator = torch.Generator(device=dev).manual_seed(seed)
         G = num_generations
         p_ids, p_mask = self.encode_prompts(prompts)
         P, Tp = p_ids.shape
