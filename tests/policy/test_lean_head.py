@@ -161,3 +161,31 @@ def test_bfloat16_inputs_accumulate_in_float32():
         torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
     gh, gW = torch.autograd.grad(sum((o.double() * u).sum() for o, u in zip(out, up)), [hb, Wb])
     assert gh.dtype == torch.bfloat16 and gW.dtype == torch.bfloat16 and torch.isfinite(gW.float()).all()
+
+
+def _largest_allocation(fn):
+    """Largest CPU allocation made by any single op while running fn (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+def test_never_materialises_tokens_by_vocabulary():
+    N, H, V = 512, 32, 4096
+    h, W, _, ref_h, ref_W, t, _ = make_inputs(N, H, V, seed=9, bias=False)
+    kw = dict(ref_hidden=ref_h, ref_weight=ref_W, with_entropy=True, with_kl=True)
+
+    def lean():
+        out = lean_token_stats(h, W, t, vocab_chunk=1024, token_chunk=128, **kw)
+        sum(o.sum() for o in out).backward()
+
+    def naive():
+        out = naive_token_stats(h, W, t, **kw)
+        sum(o.sum() for o in out).backward()
+
+    full = N * V * 4  # one float32 (N, V) tensor
+    assert _largest_allocation(naive) >= full  # the measurement does see a full-logits tensor
+    # lean: a tile is 128 x 1024 floats (1/16 of the full tensor); W's gradient is V x H
+    assert _largest_allocation(lean) <= max(128 * 1024 * 4, V * H * 4) * 1.5 < full / 4
