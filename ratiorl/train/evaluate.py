@@ -20,7 +20,7 @@ import torch
 def evaluate_engine(engine, examples: list, check, *, k: int, temperature: float, max_new_tokens: int,
                     top_p: float = 1.0, seed: int = 0, greedy: bool = True) -> dict:
     prompts, answers = [x["prompt"] for x in examples], [x["answer"] for x in examples]
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = torch.Generator(device=engine.device).manual_seed(seed + 7919)
     t0 = time.perf_counter()
     b = engine.generate(prompts, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         generator=gen)

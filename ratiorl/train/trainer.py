@@ -236,6 +236,9 @@ class Trainer:
             self.console.print(f"[yellow]--resume: no checkpoint in {self.ckpt_dir}; starting from scratch[/]")
         if resume_from is None and os.path.exists(os.path.join(self.run_dir, "metrics.jsonl")):
             truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), None)  # a fresh run: new file
+            if latest_checkpoint(self.ckpt_dir) is not None:
+                self.console.print(f"[yellow]{self.run_dir} holds checkpoints of an earlier run; starting over "
+                                   "(use --resume to continue it)[/]")
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
         # ---- data, reward, objective
@@ -278,10 +281,11 @@ class Trainer:
         self.eval_engine = HFRolloutEngine(self.model, self.tokenizer)
         if cfg.rollout.sync_every == 1:
             self.engine = self.eval_engine  # the sampler is the policy at rollout time
-        else:
-            self.engine = HFRolloutEngine(copy.deepcopy(self.model), self.tokenizer)
-        for p in self.engine.model.parameters() if self.engine is not self.eval_engine else []:
-            p.requires_grad_(False)
+        else:  # a lagging sampler (pi_old) needs its own copy of the weights
+            sampler = copy.deepcopy(self.model)
+            for p in sampler.parameters():
+                p.requires_grad_(False)
+            self.engine = HFRolloutEngine(sampler, self.tokenizer)
 
         # ---- critic (gae advantages)
         self.critic = self.critic_opt = None
@@ -302,7 +306,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, total_updates))
 
         # ---- state that a checkpoint restores
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # sampling stream
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed)  # sampling stream
         self.step_count = 0
         self.updates = 0
         self.data_epoch = 0
