@@ -241,3 +241,19 @@ def test_lagging_sampler_and_recomputed_old_logp(make_config):
     finally:
         t.close()
     assert m["updates"] == 4.0
+
+
+@pytest.mark.parametrize("controller", ["primal_dual", "adaptive"])
+def test_kl_controllers_move_beta(make_config, controller):
+    cfg = make_config(**{"objective.name": "grpo", "objective.kl_controller": controller, "objective.kl_target": 1e-6,
+                         "objective.kl_lr": 10.0, "objective.kl_horizon": 2, "train.steps": 2})
+    t = Trainer(cfg)
+    try:
+        t.step()  # the first rollout is scored by a policy equal to the reference: KL = 0
+        b1 = t.obj.beta
+        m = t.step()
+    finally:
+        t.close()
+    assert m["kl"] > 0 and m["beta"] == b1 and t.obj.beta > b1  # KL above target: beta goes up
+    with pytest.raises(ValueError, match="objective.beta > 0"):
+        Trainer(make_config(**{"objective.name": "bnpo", "objective.kl_controller": "adaptive"}))
