@@ -68,6 +68,26 @@ def _disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+def _fuse_activations(model: nn.Module) -> int:
+    """Swap the Python tanh-GELU (``gelu_new``: GPT-2, GPT-J, CodeGen, ...) for PyTorch's kernel.
+
+    ``NewGELUActivation`` computes 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) with five
+    element-wise kernels forward and more backward; ``gelu(x, approximate="tanh")`` is the same
+    function in one kernel each way (equal up to float rounding, ~1e-7). Returns the count.
+    """
+    try:
+        from transformers.activations import GELUTanh, NewGELUActivation
+    except ImportError:  # pragma: no cover - transformers without these classes
+        return 0
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                n += 1
+    return n
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding: cumsum(mask) - 1, clamped at 0."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -81,6 +101,62 @@ def _backbone(hf_model: nn.Module) -> nn.Module:
     if body is None or body is hf_model:
         raise ValueError(f"cannot find the transformer body of {type(hf_model).__name__}")
     return body
+
+
+def _prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Runs of identical consecutive prompt rows (the G completions of one prompt).
+
+    Returns ``(first, inverse)``: the row of each distinct prompt, and for every row the index of
+    its distinct prompt; None when sharing would save less than half of the prompt rows.
+    """
+    B = prompt_ids.shape[0]
+    if B < 2:
+        return None
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    if 2 * int(starts.sum()) > B:
+        return None
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def _completion_hidden_shared(hf_model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups):
+    """``_hidden_states(cat(prompt, completion)[:, :-1])[:, Tp-1:]`` with one prompt pass per group.
+
+    The transformer runs once over each distinct prompt; its KV cache is gathered to every row of
+    the group (``index_select``, differentiable) and the completion tokens attend to it. Values
+    are those of the unshared forward and the prompt's gradient is the sum over the group's rows,
+    as in the unshared forward. Returns None (the caller falls back) when the model does not
+    return a plain ``DynamicCache``, uses gradient checkpointing (which turns the cache off) or has
+    active dropout (each row must draw its own dropout masks over the prompt).
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - transformers without the Cache classes
+        return None
+    ckpt = "is_activation_checkpointing" if hasattr(type(hf_model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    if getattr(hf_model, ckpt, False):
+        return None
+    if hf_model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in hf_model.modules()):
+        return None
+    first, inverse = groups
+    body = _backbone(hf_model)
+    up, um = prompt_ids.index_select(0, first), prompt_mask.index_select(0, first)
+    out = body(input_ids=up, attention_mask=um, position_ids=position_ids_from_mask(um), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    h_first = out.last_hidden_state[:, -1].index_select(0, inverse)  # predicts completion token 0
+    if completion_ids.shape[1] == 1:
+        return h_first[:, None]
+    cache.reorder_cache(inverse)  # (distinct prompts, ...) -> (B, ...), keeps the autograd graph
+    Tp = prompt_ids.shape[1]
+    attn = torch.cat([prompt_mask, completion_mask[:, :-1]], 1)
+    pos = position_ids_from_mask(attn)[:, Tp:]
+    rest = body(input_ids=completion_ids[:, :-1], attention_mask=attn, position_ids=pos,
+                past_key_values=cache, use_cache=True)
+    rest = rest.last_hidden_state if hasattr(rest, "last_hidden_state") else rest[0]
+    return torch.cat([h_first[:, None], rest], 1)
 
 
 def _hidden_states(hf_model, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -113,6 +189,8 @@ class Policy:
         disable_dropout: bool = True,
         vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
         token_chunk: int = DEFAULT_TOKEN_CHUNK,
+        share_prompts: bool = True,
+        fuse_activations: bool = True,
     ):
         if reference not in _REFERENCE_MODES:
             raise ValueError(f"unknown reference mode {reference!r}; valid: {', '.join(_REFERENCE_MODES)}")
@@ -124,6 +202,8 @@ class Policy:
         self.name_or_path = name_or_path
         self.vocab_chunk = vocab_chunk
         self.token_chunk = token_chunk
+        self.share_prompts = share_prompts  # one prompt forward per group of identical prompts
+        self.fuse_activations = fuse_activations
         self.is_lora = _is_peft(model)
         if reference == "auto":
             reference = "adapter" if self.is_lora else "separate"
@@ -132,6 +212,8 @@ class Policy:
         self.reference = reference
         if disable_dropout:
             _disable_dropout(model)
+        if fuse_activations:
+            _fuse_activations(model)
         if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         self._ref_model = None
@@ -214,6 +296,8 @@ class Policy:
 
             dtype = next(self.hf_model.parameters()).dtype
             ref = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=dtype)
+            if self.fuse_activations:
+                _fuse_activations(ref)  # the policy's kernels: KL is exactly 0 at the start
             self._ref_model = self._freeze(ref.to(self.device))
         return self._ref_model
 
@@ -338,7 +422,17 @@ class Policy:
         targets = completion_ids[sel]
 
         hf = self.hf_model
-        hidden = _hidden_states(hf, input_ids, attn, pos)[:, Tp - 1 :][sel]  # (N, H)
+        # The G completions of a prompt: run the prompt once per group, not once per row.
+        groups = _prompt_groups(prompt_ids, pmask) if self.share_prompts else None
+
+        def body_hidden(model):  # (B, Tc, H): the states that predict completion tokens 0..Tc-1
+            if groups is not None:
+                h = _completion_hidden_shared(model, prompt_ids, pmask, completion_ids, cmask, groups)
+                if h is not None:
+                    return h
+            return _hidden_states(model, input_ids, attn, pos)[:, Tp - 1 :]
+
+        hidden = body_hidden(hf)[sel]  # (N, H)
         head, plain = self._head(hf)
 
         ref_hidden = ref_head = None
@@ -346,11 +440,11 @@ class Policy:
             with torch.no_grad():
                 if self.reference == "adapter":
                     with self.model.disable_adapter():
-                        ref_hidden = _hidden_states(hf, input_ids, attn, pos)[:, Tp - 1 :][sel]
+                        ref_hidden = body_hidden(hf)[sel]
                     ref_head = head  # LoRA adapters never touch a plain Linear head here
                 else:
                     ref = self.ref_model
-                    ref_hidden = _hidden_states(ref, input_ids, attn, pos)[:, Tp - 1 :][sel]
+                    ref_hidden = body_hidden(ref)[sel]
                     ref_head, ref_plain = self._head(ref)
                     plain = plain and ref_plain
 

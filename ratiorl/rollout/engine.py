@@ -201,6 +201,23 @@ class HFRolloutEngine:
         j = torch.multinomial(sorted_p, 1, generator=generator)
         return order.gather(-1, j).squeeze(-1)
 
+    @staticmethod
+    def _prefill(model, ids, mask, G: int):
+        """Prompt forward (last position's logits only), then cache and logits repeated G times
+        per row (rows g*G .. g*G+G-1 get prompt g). None if the model's cache cannot be repeated."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefill = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        try:  # only the last position's logits are needed
+            out = model(**prefill, logits_to_keep=1)
+        except TypeError:  # a model whose forward has no logits_to_keep
+            out = model(**prefill)
+        if G > 1:
+            if not hasattr(out.past_key_values, "batch_repeat_interleave"):
+                return None
+            out.past_key_values.batch_repeat_interleave(G)
+            out.logits = out.logits[:, -1:].repeat_interleave(G, 0)
+        return out
+
     def generate(
         self,
         prompts: list[str],
@@ -255,11 +272,11 @@ class HFRolloutEngine:
         model.eval()
         try:
             with torch.inference_mode():
-                prefill = dict(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-                try:  # only the last position's logits are needed
-                    out = model(**prefill, logits_to_keep=1)
-                except TypeError:  # a model whose forward has no logits_to_keep
-                    out = model(**prefill)
+                # Prefill each distinct prompt once (P rows, not P*G) and hand its KV cache to its
+                # G rows: the G completions of a prompt share the prompt's keys and values.
+                out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G)
+                if out is None:  # a cache type that cannot be expanded: prefill every row
+                    out = self._prefill(model, prompt_ids, prompt_mask, 1)
                 past = out.past_key_values
                 steps = 0
                 for t in range(max_new_tokens):

@@ -205,6 +205,22 @@ def _trim(prompt_ids, prompt_mask, completion_mask):
     return p0, c1
 
 
+def _adamw_impl(params) -> dict:
+    """Keyword arguments that select the fastest AdamW implementation for `params`.
+
+    ``torch.optim.AdamW`` only picks its multi-tensor (foreach) or fused kernels by itself for
+    CUDA tensors; on CPU it runs the per-tensor Python loop (a dozen small ops per tensor). The
+    fused kernel (CPU and CUDA, floating-point parameters) does the whole update in one pass and
+    is what Hugging Face's Trainer, and so TRL, uses by default ("adamw_torch_fused").
+    """
+    if not params:
+        return {}
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
+
+
 def _mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
@@ -300,7 +316,8 @@ class Trainer:
         o = cfg.optim
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+            self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+            **_adamw_impl(self.params),
         )
         total_updates = cfg.train.steps * cfg.train.epochs * cfg.train.mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, total_updates))
