@@ -8,7 +8,7 @@ Axes are registries (``WEIGHTS``, ``SHAPINGS``, ``RULES``, ``AGGREGATIONS``, ``K
 ``KL_PLACEMENTS``, ``ADVANTAGES``, ``PRESETS``); a new loss is one registered function.
 """
 
-from ._registry import Registry
+from .._registry import Registry
 from .advantages import ADVANTAGES, advantages
 from .aggregate import AGGREGATIONS
 from .core import Objective, ObjectiveOutput, available_objectives, objective

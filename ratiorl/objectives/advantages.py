@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Registry
+from .._registry import Registry
 
 ADVANTAGES = Registry("advantage method")
 

@@ -12,7 +12,7 @@ so that summing the losses of the parts of a split batch gives the gradient of t
 
 from __future__ import annotations
 
-from ._registry import Registry
+from .._registry import Registry
 
 AGGREGATIONS = Registry("aggregation")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._ops import clamp_abs
-from ._registry import Registry
+from .._registry import Registry
 
 KL_ESTIMATORS = Registry("KL estimator")
 KL_PLACEMENTS = Registry("KL placement")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ._registry import Registry
+from .._registry import Registry
 
 PRESETS = Registry("objective")
 

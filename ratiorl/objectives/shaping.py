@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._ops import masked_clamp
-from ._registry import Registry
+from .._registry import Registry
 
 SHAPINGS = Registry("shaping")
 RULES = Registry("weighted rule")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from ._ops import clamp_abs
-from ._registry import Registry
+from .._registry import Registry
 
 WEIGHTS = Registry("weight")
 

@@ -14,8 +14,9 @@ calls the factory with ``kw`` and returns the reward function.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
+
+from .._registry import Registry, check_options
 
 RewardFn = Callable[..., list]
 
@@ -37,23 +38,16 @@ class Score(float):
         return f"Score({float(self)}{flags})"
 
 
-_REWARDS: dict[str, Callable[..., RewardFn]] = {}
+REWARDS = Registry("reward")
 
 
 def register_reward(name: str):
     """Decorator for a factory ``factory(**options) -> reward_fn``."""
-
-    def deco(factory):
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REWARDS[name] = factory
-        return factory
-
-    return deco
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 def get_reward(name: str, **kw) -> RewardFn:
@@ -62,15 +56,8 @@ def get_reward(name: str, **kw) -> RewardFn:
     Unknown names raise ``ValueError`` listing the valid ones; unknown options raise
     ``TypeError`` listing the valid options.
     """
-    if name not in _REWARDS:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(available_rewards())}")
-    factory = _REWARDS[name]
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kw) - set(params))
-        if unknown:
-            raise TypeError(f"reward {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                            f"valid options: {', '.join(params) or 'none'}")
+    factory = REWARDS.lookup(name)
+    check_options("reward", name, factory, kw)
     fn = factory(**kw)
     if not getattr(fn, "__name__", None) or fn.__name__ == "<lambda>":
         fn.__name__ = name

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ratiorl.policy.policy import _is_peft
+
 
 @dataclass
 class RolloutBatch:
@@ -84,12 +86,6 @@ def _unwrap(model):
     return model
 
 
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

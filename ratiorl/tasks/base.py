@@ -12,10 +12,11 @@ A new task is one function decorated with :func:`register_task`::
 
 from __future__ import annotations
 
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from .._registry import Registry, check_options
 
 Example = dict[str, Any]
 
@@ -54,7 +55,7 @@ class Task:
                 f"eval={len(self.eval)} examples, reward={self.reward!r})")
 
 
-_TASKS: dict[str, Callable[..., dict]] = {}
+TASKS = Registry("task")
 
 
 def register_task(name: str):
@@ -62,23 +63,11 @@ def register_task(name: str):
 
     ``rng`` is a :class:`random.Random` seeded from the task name and the seed.
     """
-
-    def deco(fn):
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+    return TASKS.register(name)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
-
-
-def _task_options(fn) -> list[str]:
-    params = list(inspect.signature(fn).parameters.values())[1:]  # skip rng
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return TASKS.names()
 
 
 def get_task(name: str, seed: int = 0, **kw) -> Task:
@@ -87,14 +76,8 @@ def get_task(name: str, seed: int = 0, **kw) -> Task:
     Unknown names raise ``ValueError`` listing the valid ones; unknown options raise
     ``TypeError`` listing the options the task takes.
     """
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(available_tasks())}")
-    fn = _TASKS[name]
-    options = _task_options(fn)
-    unknown = sorted(set(kw) - set(options))
-    if unknown:
-        raise TypeError(f"task {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"valid options: {', '.join(options)}")
+    fn = TASKS.lookup(name)
+    check_options("task", name, fn, kw, skip=1)  # skip rng
     rng = random.Random(f"ratiorl.tasks/{name}/{int(seed)}")
     out = fn(rng, **kw)
     config = {"seed": int(seed), **kw}

@@ -1,8 +1,8 @@
 """A tiny name -> function registry, filled by decorators (in the spirit of verl's core_algos).
 
 Every axis of an objective (weights, shapings, weighted rules, aggregations, KL estimators,
-KL placements, advantage methods, presets) is one ``Registry``. Adding a new loss is one
-decorated function::
+KL placements, advantage methods, presets), the reward functions and the tasks are each one
+``Registry``. Adding a new loss is one decorated function::
 
     from ratiorl.objectives import WEIGHTS
 
@@ -12,6 +12,8 @@ decorated function::
 """
 
 from __future__ import annotations
+
+import inspect
 
 
 class Registry(dict):
@@ -45,8 +47,21 @@ class Registry(dict):
             return self[name]
         except (KeyError, TypeError):
             raise ValueError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}"
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self))}"
             ) from None
 
     def names(self) -> list[str]:
         return sorted(self)
+
+
+def check_options(kind: str, name: str, fn, options: dict, skip: int = 0) -> None:
+    """Raise ``TypeError`` listing the valid options when ``options`` has a keyword that ``fn``
+    (after its first ``skip`` parameters) does not take; a ``**kwargs`` function takes anything."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"{kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                        f"valid options: {', '.join(valid) or 'none'}")
