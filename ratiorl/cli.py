@@ -184,10 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars and lines say what happens; hide transformers' per-load/save bars
+    and advisory log lines (errors still show)."""
+    try:
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    _quiet_transformers()
     try:
         args.fn(args, extra)
     except (ValueError, FileNotFoundError) as e:
