@@ -664,7 +664,8 @@ class Trainer:
             return {}
 
     def plot_diagnostics(self) -> None:
-        """CTPO Fig. 1 (clip rate by position) and SNIB Fig. 2 (weight histograms) of the last step."""
+        """Diagnostics plots of the last step: CTPO Fig. 1 (clip rate by position), SNIB Fig. 2 (weight
+        histograms), SNIB Table 4a (gradient norm by length), DGPO Fig. 2 (F(r), `weighted` only)."""
         batch = getattr(self, "_last_diag_batch", None)
         if self._diag is None or batch is None:
             return
@@ -679,6 +680,19 @@ class Trainer:
             hist = d.weight_histograms(batch["logp"], batch["old_logp"], batch["mask"], batch["group_ids"],
                                        clip=o.clip_low if o.clip_low is not None else 0.2)
             d.plot_weight_histograms(hist, os.path.join(out, "weight_histograms.png"))
+            # SNIB Table 4a: per-sequence policy-gradient norm (in log-prob space) by response length
+            logp = batch["logp"].detach().clone().requires_grad_(True)
+            pg = o.replace(beta=0.0)(logp, batch["old_logp"], batch["advantages"], batch["mask"],
+                                     group_ids=batch["group_ids"])
+            norms = d.per_sequence_grad_norms(pg.loss, logp, batch["mask"])
+            M = self.cfg.rollout.max_new_tokens
+            edges = sorted({max(1, M // 4), max(1, M // 2)})
+            by_len = d.grad_norm_by_length(norms, batch["mask"].sum(1), buckets=edges)
+            d.plot_grad_norm_by_length(by_len, os.path.join(out, "grad_norm_by_length.png"))
+            # DGPO Fig. 2: the gradient weight F(r) of a `weighted` objective (fixed for the run)
+            f_path = os.path.join(out, "gradient_weight.png")
+            if o.shaping == "weighted" and not os.path.exists(f_path):
+                d.plot_gradient_weights([o.rule], f_path, clip_low=o.clip_low, clip_high=o.clip_high)
         except Exception as e:  # a plot must never stop training
             self.console.print(f"[yellow]diagnostics plots failed: {type(e).__name__}: {e}[/]")
 

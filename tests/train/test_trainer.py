@@ -180,6 +180,18 @@ def test_eval_and_outputs(make_config, tmp_path):
     assert load_config(os.path.join(out, "config.yaml")) == cfg
 
 
+def test_diagnostics_plots_at_eval(make_config, tmp_path):
+    # the four training diagnostics of issue 5 are drawn at each eval (F(r) only for `weighted` rules);
+    # a failing plot only prints a warning, so their existence is what shows they worked
+    out = str(tmp_path / "diag")
+    cfg = make_config(out_dir=out, **{"objective.name": "dgpo", "train.steps": 2, "eval.every": 2,
+                                      "logging.plots": True})
+    train(cfg)
+    for name in ("clip_by_position", "weight_histograms", "grad_norm_by_length", "gradient_weight"):
+        path = os.path.join(out, "plots", f"{name}.png")
+        assert os.path.getsize(path) > 0, name
+
+
 def test_same_seed_same_metrics(make_config, tmp_path):
     a = train(make_config(out_dir=str(tmp_path / "a"), **{"train.steps": 2}))
     b = train(make_config(out_dir=str(tmp_path / "b"), **{"train.steps": 2}))
