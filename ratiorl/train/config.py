@@ -271,7 +271,7 @@ def _set(cfg: TrainConfig, dotted: str, value: Any, from_cli: bool) -> None:
                 raise ValueError(f"unknown config key {dotted!r}")
             valid_obj = _objective_fields()
             if valid_obj is not None and key not in valid_obj:
-                valid = sorted(_hints(ObjectiveConfig)) + valid_obj
+                valid = sorted(set(_hints(ObjectiveConfig)) | set(valid_obj))
                 raise ValueError(
                     f"unknown config key {where!r}; valid keys under 'objective': {', '.join(valid)}"
                 )
