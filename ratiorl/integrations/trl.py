@@ -1,0 +1,122 @@
+"""`RatioGRPOTrainer`: TRL's GRPOTrainer with its loss replaced by a ratiorl objective.
+
+Everything except the loss is TRL's: generation, rewards, advantages (TRL's `scale_rewards`;
+use `scale_rewards="none"` for the `group_mean` advantages of `snib`/`reinforce`), reference
+model, old log-probs, logging. Per micro-batch the objective gets, as TRL's loss does:
+
+- `logp`: TRL's own `_get_per_token_logps_and_entropies` on prompt + completion;
+- `old_logp`: `old_per_token_logps` if TRL computed it, else the detached `logp`
+  (TRL skips it when num_iterations=1 and generation is aligned with optimizer steps);
+- `ref_logp`: `ref_per_token_logps` (TRL computes it when its `beta` != 0; `beta` is taken
+  from the objective, see below); `mask`: completion mask (times TRL's tool mask, if any);
+- `group_ids`: TRL generates `num_generations` consecutive completions per prompt (RepeatSampler)
+  and each process holds a contiguous slice of that batch, but `_prepare_inputs` then
+  *shuffles rows* before cutting it into `steps_per_generation` micro-batches. So the ids are
+  attached in `_generate_and_score_completions`, before the shuffle, and travel with the rows.
+  Self-normalised weights (`snib`, `snib_fg`) need whole groups per micro-batch: that holds with
+  `steps_per_generation=1` and `per_device_train_batch_size` a multiple of `num_generations`
+  (checked at construction and on every call);
+- `num_sequences` = local rows x accumulation steps and `num_tokens` = the tokens of one
+  accumulation window over all ranks (from TRL's `num_items_in_batch`, as TRL's `dapo`), so
+  the loss is scaled for gradient accumulation and data parallelism like TRL's losses.
+
+`args.beta` is set to the objective's `beta` (an explicit nonzero `args.beta` that differs is an
+error). `kl_estimator="exact"` with beta > 0 is not supported (TRL has no full-vocabulary KL).
+TRL's other loss options (`loss_type`, `epsilon*`, `importance_sampling_level`, entropy
+masking/bonus, off-policy mask, vLLM IS correction, MoE aux loss, `delta`) are not applied.
+Objective metrics are logged as `objective/<name>`, averaged over processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"RatioGRPOTrainer needs TRL ({err}); install it with: pip install 'ratiorl[trl]'") from err
+
+import ratiorl
+
+_MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                 "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _needs_whole_groups(obj) -> bool:
+    return obj.weight.startswith("self_normalized") and obj.normalize_scope == "group"
+
+
+class RatioGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer(model, reward_funcs, args, ..., objective="snib")`: `objective` is a preset
+    name or a `ratiorl.Objective`; all other arguments are GRPOTrainer's."""
+
+    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *rest, objective="grpo", **kwargs):
+        obj = ratiorl.objective(objective) if isinstance(objective, str) else objective
+        if obj.beta > 0 and obj.kl_estimator == "exact":
+            raise ValueError(
+                f"objective {obj.name!r} uses kl_estimator='exact' (full-vocabulary KL), which RatioGRPOTrainer "
+                "cannot supply from TRL's inputs; use kl_estimator='k3' (e.g. ratiorl.objective("
+                f"{obj.name!r}, kl_estimator='k3')), beta=0, or ratiorl's own trainer (`ratiorl train`)")
+        args = args if args is not None else GRPOConfig()
+        if args.beta not in (0.0, obj.beta):
+            raise ValueError(f"args.beta={args.beta} conflicts with the objective's beta={obj.beta}; "
+                             "set beta on the objective (args.beta is taken from it)")
+        args.beta = obj.beta  # TRL loads the reference model and computes ref log-probs iff beta != 0
+        if _needs_whole_groups(obj) and (args.steps_per_generation != 1
+                                         or args.per_device_train_batch_size % args.num_generations):
+            raise ValueError(
+                f"objective {obj.name!r} normalises weights within each group, so every micro-batch needs whole "
+                "groups, but TRL shuffles completions across steps_per_generation micro-batches; set "
+                "steps_per_generation=1 and per_device_train_batch_size to a multiple of num_generations "
+                f"(got {args.steps_per_generation} and {args.per_device_train_batch_size})")
+        if obj.aggregation == "seq_mean_token_sum_norm" and obj.max_tokens is None:
+            obj = obj.replace(max_tokens=args.max_completion_length)  # Dr.GRPO's constant, as TRL
+        self.objective = obj
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        B = out["completion_ids"].size(0)  # this process's contiguous slice of the gathered batch
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        rows = self.accelerator.process_index * B + torch.arange(B, device=out["completion_ids"].device)
+        out["group_ids"] = rows // G
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("RatioGRPOTrainer does not support returning outputs")
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        logp, _, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), completion_ids.size(1),
+            **{k: inputs.get(k) for k in _MODEL_INPUTS})
+        old_logp = inputs.get("old_per_token_logps")
+        B, mode = logp.size(0), "train" if self.model.training else "eval"
+        group_ids = inputs.get("group_ids")
+        if group_ids is None:  # hand-built inputs: TRL's layout before the shuffle
+            group_ids = torch.arange(B, device=logp.device) // self.num_generations
+        if _needs_whole_groups(self.objective):
+            G = self.num_generations if mode == "train" else self.num_generations_eval
+            if bool((torch.unique(group_ids, return_counts=True)[1] != G).any()):
+                raise ValueError(f"objective {self.objective.name!r} needs whole groups of {G} in each "
+                                 "micro-batch (steps_per_generation=1, batch size a multiple of num_generations)")
+        # Global counts of one accumulation window (the eval batch is neither split nor accumulated):
+        # num_items_in_batch counts the tokens of the whole generation batch on all ranks.
+        accum = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        spg = self.args.steps_per_generation if mode == "train" else 1
+        num_tokens = torch.as_tensor(inputs["num_items_in_batch"]).clamp(min=1) * accum / spg
+        out = self.objective(
+            logp, logp.detach() if old_logp is None else old_logp, inputs["advantages"], mask,
+            group_ids=group_ids, ref_logp=inputs.get("ref_per_token_logps"),
+            num_tokens=num_tokens / self.accelerator.num_processes, num_sequences=B * accum)
+        names = [k for k, v in out.metrics.items() if isinstance(v, float)]
+        if names:
+            local = torch.tensor([out.metrics[k] for k in names], device=logp.device)
+            mean = self.accelerator.gather(local).view(-1, len(names)).mean(0).tolist()
+            for k, v in zip(names, mean):
+                self._metrics[mode][f"objective/{k}"].append(v)
+        return out.loss
