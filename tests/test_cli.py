@@ -4,32 +4,14 @@ import json
 import os
 
 import pytest
-import torch
 
 from ratiorl.cli import main
 
-from .train.conftest import tiny_overrides
+from .train.conftest import _few_threads, tiny_overrides  # noqa: F401 (autouse fixture: one thread)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from ratiorl.policy import make_tiny_model
-
-    d = tmp_path_factory.mktemp("cli_tiny")
-    make_tiny_model(str(d), n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
-    return str(d)
-
-
-def _train_args(tiny_dir, out, **kw):
-    return ["train"] + ["--" + a for a in tiny_overrides(tiny_dir, out, **kw)]
+def _train_args(tiny_model_dir, out, **kw):
+    return ["train"] + ["--" + a for a in tiny_overrides(tiny_model_dir, out, **kw)]
 
 
 def test_objectives_lists_every_preset(capsys):
@@ -41,14 +23,14 @@ def test_objectives_lists_every_preset(capsys):
         assert name in out
 
 
-def test_train_resume_compare_report(tiny_dir, tmp_path, capsys):
+def test_train_resume_compare_report(tiny_model_dir, tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert main(_train_args(tiny_dir, a, **{"train.steps": 2, "objective.name": "grpo"})) == 0
+    assert main(_train_args(tiny_model_dir, a, **{"train.steps": 2, "objective.name": "grpo"})) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["objective"] == "grpo"
-    assert main(_train_args(tiny_dir, b, **{"train.steps": 1, "objective.name": "snib"})) == 0
+    assert main(_train_args(tiny_model_dir, b, **{"train.steps": 1, "objective.name": "snib"})) == 0
     capsys.readouterr()
-    assert main(_train_args(tiny_dir, b, **{"train.steps": 2, "objective.name": "snib"}) + ["--resume"]) == 0
+    assert main(_train_args(tiny_model_dir, b, **{"train.steps": 2, "objective.name": "snib"}) + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
 
     png = str(tmp_path / "cmp.png")
@@ -58,19 +40,19 @@ def test_train_resume_compare_report(tiny_dir, tmp_path, capsys):
     assert os.path.exists(os.path.join(a, "report.html")) and os.path.exists(os.path.join(a, "report.md"))
 
 
-def test_user_errors_exit_2_without_traceback(tiny_dir, tmp_path, capsys):
+def test_user_errors_exit_2_without_traceback(tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "x")
-    assert main(_train_args(tiny_dir, out) + ["--optim.learnrate", "1"]) == 2
+    assert main(_train_args(tiny_model_dir, out) + ["--optim.learnrate", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'optim.learnrate'" in err and "lr" in err and "Traceback" not in err
 
-    assert main(_train_args(tiny_dir, out, **{"train.steps": "many"})) == 2
+    assert main(_train_args(tiny_model_dir, out, **{"train.steps": "many"})) == 2
     assert "expected an integer" in capsys.readouterr().err
 
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
-    assert main(_train_args(tiny_dir, out, **{"task.name": "jsonl", "task.path": str(tmp_path / "no.jsonl")})) == 2
+    assert main(_train_args(tiny_model_dir, out, **{"task.name": "jsonl", "task.path": str(tmp_path / "no.jsonl")})) == 2
     assert "no such JSONL file" in capsys.readouterr().err
 
     assert main(["eval", "--model", str(tmp_path / "nomodel")]) == 2
@@ -80,8 +62,8 @@ def test_user_errors_exit_2_without_traceback(tiny_dir, tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_eval_a_saved_model(tiny_dir, capsys):
-    assert main(["eval", "--model", tiny_dir, "--k", "2", "--num-prompts", "4", "--max-new-tokens", "4"]) == 0
+def test_eval_a_saved_model(tiny_model_dir, capsys):
+    assert main(["eval", "--model", tiny_model_dir, "--k", "2", "--num-prompts", "4", "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 0.0 <= out["eval/avg@k"] <= out["eval/pass@k"] <= 1.0
     assert out["eval/num_prompts"] == 4
