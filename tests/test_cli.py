@@ -3,7 +3,6 @@
 import json
 import os
 
-
 from ratiorl.cli import main
 
 from .train.conftest import _few_threads, tiny_overrides  # noqa: F401 (autouse fixture: one thread)
