@@ -133,9 +133,10 @@ def _completion_hidden_shared(hf_model, prompt_ids, prompt_mask, completion_ids,
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:  # pragma: no cover - transformers without the Cache classes
         return None
-    ckpt = "is_activation_checkpointing" if hasattr(type(hf_model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    if getattr(hf_model, ckpt, False):
+    ckpt = getattr(hf_model, "is_activation_checkpointing", None)  # transformers >= 5 (PEFT forwards it)
+    if ckpt is None:
+        ckpt = getattr(hf_model, "is_gradient_checkpointing", False)
+    if ckpt:
         return None
     if hf_model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in hf_model.modules()):
         return None
