@@ -12,13 +12,13 @@ token is drawn (SPEC: the importance ratio is against the untruncated tempered p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ratiorl.policy.policy import _is_peft
+from ratiorl.policy.policy import _is_peft, position_ids_from_mask
 
 
 @dataclass
@@ -41,24 +41,6 @@ class RolloutBatch:
     @property
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
-
-    def to(self, device) -> "RolloutBatch":
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        return RolloutBatch(**kw)
-
-    def select(self, index) -> "RolloutBatch":
-        """Rows ``index`` (a slice, a list or a long tensor) as a new batch."""
-        if isinstance(index, slice):
-            rows = list(range(len(self)))[index]
-        else:
-            rows = torch.as_tensor(index).tolist()
-        idx = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = [v[i] for i in rows] if isinstance(v, list) else v.index_select(0, idx.to(v.device))
-        return RolloutBatch(**kw)
 
 
 @runtime_checkable
@@ -201,7 +183,7 @@ class HFRolloutEngine:
     def _prefill(model, ids, mask, G: int):
         """Prompt forward (last position's logits only), then cache and logits repeated G times
         per row (rows g*G .. g*G+G-1 get prompt g). None if the model's cache cannot be repeated."""
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(mask)
         prefill = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         try:  # only the last position's logits are needed
             out = model(**prefill, logits_to_keep=1)
@@ -260,7 +242,7 @@ class HFRolloutEngine:
         finished = torch.zeros(R, dtype=torch.bool, device=dev)
         # Attention mask for prompt + all possible new tokens; sliced as the cache grows.
         attn = torch.cat([prompt_mask, torch.ones((R, max_new_tokens), dtype=torch.long, device=dev)], 1)
-        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(prompt_mask)
         next_pos = pos[:, -1] + 1
         pad = torch.tensor(self.pad_token_id, device=dev)
 

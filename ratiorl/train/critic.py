@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+from ratiorl.policy.policy import position_ids_from_mask
 
 
 class ValueModel(nn.Module):
@@ -41,7 +39,7 @@ class ValueModel(nn.Module):
         Tp = prompt_ids.shape[1]
         input_ids = torch.cat([prompt_ids, completion_ids], 1)[:, :-1]
         attn = torch.cat([prompt_mask.long(), completion_mask.long()], 1)[:, :-1]
-        out = self.backbone(input_ids=input_ids, attention_mask=attn, position_ids=_position_ids(attn))
+        out = self.backbone(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn))
         h = out.last_hidden_state[:, Tp - 1 :]
         return self.head(h).squeeze(-1).float() * completion_mask.float()
 
