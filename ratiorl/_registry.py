@@ -7,12 +7,17 @@ KL placements, advantage methods, presets), the reward functions and the tasks a
     from ratiorl.objectives import WEIGHTS
 
     @WEIGHTS.register("my_weight", level="token")
-    def my_weight(delta, info, obj):
+    def my_weight(delta, info, *, alpha: float = 1.0):
         ...
+
+An entry's hyperparameters are its keyword-only parameters with defaults (``keyword_options``),
+and its capabilities are the keywords given to ``register`` (read back as attributes).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 
 
@@ -63,5 +68,37 @@ def check_options(kind: str, name: str, fn, options: dict, skip: int = 0) -> Non
     valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"{kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"valid options: {', '.join(valid) or 'none'}")
+        raise TypeError(f"{kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}"
+                        f"{did_you_mean(unknown, valid)}; valid options: {', '.join(valid) or 'none'}")
+
+
+def did_you_mean(unknown, valid) -> str:
+    """``" (did you mean 'x'?)"`` for the closest valid name to the first unknown one, else ``""``."""
+    for u in unknown:
+        close = difflib.get_close_matches(str(u), [str(v) for v in valid], n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def keyword_options(fn, exclude=()) -> tuple[dict, bool]:
+    """The options an entry declares: ``({name: default}, takes_any)`` for the keyword-only
+    parameters of ``fn`` that have a default (minus ``exclude``); ``takes_any`` is True when ``fn``
+    also takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters.values()
+    opts = {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in exclude}
+    return opts, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_keyword_options(kind: str, name: str, fn, options: dict, exclude=()) -> dict:
+    """Validate ``options`` against the keyword-only options of ``fn``; return the resolved options
+    (signature defaults updated with ``options``); the cached defaults are never mutated. Unknown keys raise ``ValueError`` naming the
+    valid ones and the closest match."""
+    defaults, takes_any = keyword_options(fn, exclude)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown and not takes_any:
+        raise ValueError(f"{kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}"
+                         f"{did_you_mean(unknown, defaults)}; valid options: {', '.join(defaults) or 'none'}")
+    return {**defaults, **options}

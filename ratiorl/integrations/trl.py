@@ -21,7 +21,9 @@ model, old log-probs, logging. Per micro-batch the objective gets, as TRL's loss
   the loss is scaled for gradient accumulation and data parallelism like TRL's losses.
 
 `args.beta` is set to the objective's `beta` (an explicit nonzero `args.beta` that differs is an
-error). `kl_estimator="exact"` with beta > 0 is not supported (TRL has no full-vocabulary KL).
+error). A KL estimator that needs the full-vocabulary KL (`obj.needs_token_kl`, e.g.
+`kl_estimator="exact"`) is not supported (TRL has no full-vocabulary KL). An aggregation that
+uses the generation limit (Dr.GRPO's) gets `max_completion_length` unless `max_tokens` is set.
 TRL's other loss options (`loss_type`, `epsilon*`, `importance_sampling_level`, entropy
 masking/bonus, off-policy mask, vLLM IS correction, MoE aux loss, `delta`) are not applied.
 Objective metrics are logged as `objective/<name>`, averaged over processes.
@@ -42,35 +44,31 @@ _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-def _needs_whole_groups(obj) -> bool:
-    return obj.weight.startswith("self_normalized") and obj.normalize_scope == "group"
-
-
 class RatioGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer(model, reward_funcs, args, ..., objective="snib")`: `objective` is a preset
     name or a `ratiorl.Objective`; all other arguments are GRPOTrainer's."""
 
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *rest, objective="grpo", **kwargs):
         obj = ratiorl.objective(objective) if isinstance(objective, str) else objective
-        if obj.beta > 0 and obj.kl_estimator == "exact":
+        if obj.needs_token_kl:
             raise ValueError(
-                f"objective {obj.name!r} uses kl_estimator='exact' (full-vocabulary KL), which RatioGRPOTrainer "
-                "cannot supply from TRL's inputs; use kl_estimator='k3' (e.g. ratiorl.objective("
+                f"objective {obj.name!r} uses kl_estimator={obj.kl_estimator!r} (full-vocabulary KL), which "
+                "RatioGRPOTrainer cannot supply from TRL's inputs; use kl_estimator='k3' (e.g. ratiorl.objective("
                 f"{obj.name!r}, kl_estimator='k3')), beta=0, or ratiorl's own trainer (`ratiorl train`)")
         args = args if args is not None else GRPOConfig()
         if args.beta not in (0.0, obj.beta):
             raise ValueError(f"args.beta={args.beta} conflicts with the objective's beta={obj.beta}; "
                              "set beta on the objective (args.beta is taken from it)")
         args.beta = obj.beta  # TRL loads the reference model and computes ref log-probs iff beta != 0
-        if _needs_whole_groups(obj) and (args.steps_per_generation != 1
+        # the loss itself needs whole groups (TRL computes the advantages on whole groups itself)
+        if obj.loss_needs_groups and (args.steps_per_generation != 1
                                          or args.per_device_train_batch_size % args.num_generations):
             raise ValueError(
                 f"objective {obj.name!r} normalises weights within each group, so every micro-batch needs whole "
                 "groups, but TRL shuffles completions across steps_per_generation micro-batches; set "
                 "steps_per_generation=1 and per_device_train_batch_size to a multiple of num_generations "
                 f"(got {args.steps_per_generation} and {args.per_device_train_batch_size})")
-        if obj.aggregation == "seq_mean_token_sum_norm" and obj.max_tokens is None:
-            obj = obj.replace(max_tokens=args.max_completion_length)  # Dr.GRPO's constant, as TRL
+        obj = obj.with_generation_limit(args.max_completion_length)  # Dr.GRPO's constant, as TRL
         self.objective = obj
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
@@ -99,7 +97,7 @@ class RatioGRPOTrainer(GRPOTrainer):
         group_ids = inputs.get("group_ids")
         if group_ids is None:  # hand-built inputs: TRL's layout before the shuffle
             group_ids = torch.arange(B, device=logp.device) // self.num_generations
-        if _needs_whole_groups(self.objective):
+        if self.objective.loss_needs_groups:
             G = self.num_generations if mode == "train" else self.num_generations_eval
             if bool((torch.unique(group_ids, return_counts=True)[1] != G).any()):
                 raise ValueError(f"objective {self.objective.name!r} needs whole groups of {G} in each "

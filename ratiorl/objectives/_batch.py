@@ -12,7 +12,9 @@ class BatchInfo:
     need them pay for them).
     """
 
-    def __init__(self, mask_f: torch.Tensor, group_ids, num_tokens, num_sequences, n_dropped: int):
+    def __init__(self, mask_f: torch.Tensor, group_ids, num_tokens, num_sequences, n_dropped: int,
+                 log_ratio_clamp: float = 20.0):
+        self.log_ratio_clamp = log_ratio_clamp  # the objective's clamp on per-token log-ratios
         self.mask = mask_f  # (B, T) float32, 1 on counted tokens
         self.mask_bool = mask_f > 0
         self.B, self.T = mask_f.shape
@@ -20,7 +22,7 @@ class BatchInfo:
         self.seq_valid = self.lengths > 0  # (B,) bool: non-empty (and not dropped) responses
         self.group_ids = group_ids
         self.n_dropped = n_dropped
-        # B' and N of SPEC section 4 (global counts if the caller passed them).
+        # B' (sequences) and N (tokens) of the aggregations (global counts if the caller passed them).
         self.num_sequences = num_sequences if num_sequences is not None else max(self.B - n_dropped, 1)
         self.num_tokens = num_tokens if num_tokens is not None else self.lengths.sum().clamp_min(1.0)
         self._pos = None
@@ -29,7 +31,7 @@ class BatchInfo:
 
     @property
     def pos(self) -> torch.Tensor:
-        """1-based count of valid tokens up to and including t: cumsum(m) (SPEC section 1)."""
+        """1-based count of valid tokens up to and including t: cumsum(m) (CTPO sec. 3.3)."""
         if self._pos is None:
             self._pos = torch.cumsum(self.mask, dim=1)
         return self._pos

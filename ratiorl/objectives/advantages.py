@@ -1,4 +1,5 @@
-"""Advantage estimators (SPEC section 6): ``advantages(rewards, group_ids, method=..., **kw)``.
+"""Advantage estimators (docs/objectives.md, "advantages"): ``advantages(rewards, group_ids,
+method=..., **options)``.
 
 Group statistics use scatter ops on ``torch.unique(group_ids, return_inverse=True)``, so group
 ids may be arbitrary integers and groups need not be contiguous or equal-sized; no Python loop
@@ -6,14 +7,17 @@ over groups. Methods with a group baseline (group_mean, group_norm, batch_norm, 
 exactly 0 for every member of a group whose rewards are all equal (never NaN, also for groups of
 one). ``none`` has no baseline (A = R by definition) and the GAE methods depend on the critic.
 
-Each method is ``fn(rewards, index, num_groups, **kw)`` registered in ``ADVANTAGES``.
+Each method is ``fn(rewards, index, num_groups, values=None, mask=None, *, <options>)``
+registered in ``ADVANTAGES`` with its capabilities: ``needs_groups`` (uses group ids),
+``needs_critic`` (needs critic ``values``), ``token_level`` (returns (B, T) advantages from (B,)
+or (B, T) rewards, ignoring groups). Its hyperparameters are its keyword-only parameters.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._registry import Registry
+from .._registry import Registry, check_keyword_options
 
 ADVANTAGES = Registry("advantage method")
 
@@ -44,35 +48,35 @@ class _Groups:
 
 
 @ADVANTAGES.register("none")
-def none(rewards, index, G, **kw):
+def none(rewards, index, G, values=None, mask=None):
     # REINFORCE without baseline: A_i = R_i (SNIB "- baseline" ablation)
     return rewards.clone()
 
 
-@ADVANTAGES.register("group_mean")
-def group_mean(rewards, index, G, **kw):
+@ADVANTAGES.register("group_mean", needs_groups=True)
+def group_mean(rewards, index, G, values=None, mask=None):
     # A_i = R_i - mean_g R (SNIB Alg. 1 line 4; Dr.GRPO, tutorial sec. 7.1)
     g = _Groups(rewards, index, G)
     return g.zero_constant(g.centered())
 
 
-@ADVANTAGES.register("group_norm")
-def group_norm(rewards, index, G, eps: float = 1e-4, **kw):
+@ADVANTAGES.register("group_norm", needs_groups=True)
+def group_norm(rewards, index, G, values=None, mask=None, *, eps: float = 1e-4):
     # GRPO (tutorial sec. 6.1): A_i = (R_i - mean_g R) / (std_g R + eps), sample std, eps = 1e-4 (TRL)
     g = _Groups(rewards, index, G)
     return g.zero_constant(g.centered() / (g.std()[index] + eps))
 
 
-@ADVANTAGES.register("batch_norm")
-def batch_norm(rewards, index, G, eps: float = 1e-4, **kw):
+@ADVANTAGES.register("batch_norm", needs_groups=True)
+def batch_norm(rewards, index, G, values=None, mask=None, *, eps: float = 1e-4):
     # TRL scale_rewards="batch": A_i = (R_i - mean_g R) / (std_batch R + eps)
     g = _Groups(rewards, index, G)
     std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
     return g.zero_constant(g.centered() / (std + eps))
 
 
-@ADVANTAGES.register("rloo")
-def rloo(rewards, index, G, **kw):
+@ADVANTAGES.register("rloo", needs_groups=True)
+def rloo(rewards, index, G, values=None, mask=None):
     # RLOO: A_i = R_i - mean_{j in g, j != i} R_j = n/(n-1) (R_i - mean_g R); 0 for a group of one
     g = _Groups(rewards, index, G)
     n = g.count[index]
@@ -111,14 +115,14 @@ def _gae(rewards, values, mask, gamma, lam):
     return adv * m
 
 
-@ADVANTAGES.register("gae")
-def gae(rewards, index, G, values=None, mask=None, gamma: float = 1.0, lam: float = 0.95, **kw):
+@ADVANTAGES.register("gae", needs_critic=True, token_level=True)
+def gae(rewards, index, G, values=None, mask=None, *, gamma: float = 1.0, lam: float = 0.95):
     # PPO with a critic: token-level GAE (tutorial sec. 4.2)
     return _gae(rewards, values, mask, gamma, lam)
 
 
-@ADVANTAGES.register("gae_length_adaptive")
-def gae_length_adaptive(rewards, index, G, values=None, mask=None, gamma: float = 1.0, alpha: float = 0.05, **kw):
+@ADVANTAGES.register("gae_length_adaptive", needs_critic=True, token_level=True)
+def gae_length_adaptive(rewards, index, G, values=None, mask=None, *, gamma: float = 1.0, alpha: float = 0.05):
     # VAPO (tutorial sec. 7.3): lam_i = 1 - 1 / (alpha * len_i), clamped to [0, 1] (short responses)
     if mask is None:
         raise ValueError("method 'gae_length_adaptive' needs values=(B, T) and mask=(B, T)")
@@ -127,21 +131,25 @@ def gae_length_adaptive(rewards, index, G, values=None, mask=None, gamma: float 
     return _gae(rewards, values, mask, gamma, lam)
 
 
-def advantages(rewards, group_ids=None, method: str = "group_norm", **kw) -> torch.Tensor:
-    """Advantages from rewards (SPEC section 6).
+def advantages(rewards, group_ids=None, method: str = "group_norm", values=None, mask=None,
+               **options) -> torch.Tensor:
+    """Advantages from rewards.
 
     Args:
         rewards: (B,) outcome rewards (or (B, T) token rewards for the GAE methods).
         group_ids: (B,) ints, which prompt each sequence answers; ``None`` = one group (the batch).
         method: one of ``ADVANTAGES`` (none, group_mean, group_norm, batch_norm, rloo, gae,
             gae_length_adaptive).
-        **kw: ``eps`` (1e-4) for the normalised methods; ``values``, ``mask``, ``gamma`` (1.0),
-            ``lam`` (0.95) for ``gae``; ``alpha`` (0.05) for ``gae_length_adaptive``.
+        values, mask: (B, T) critic values and completion mask (methods with ``needs_critic``).
+        **options: the method's own options (unknown ones raise ``ValueError``): ``eps`` (1e-4)
+            for the normalised methods; ``gamma`` (1.0), ``lam`` (0.95) for ``gae``;
+            ``gamma``, ``alpha`` (0.05) for ``gae_length_adaptive``.
 
     Returns:
         (B,) float32 advantages (float64 if rewards are float64), or (B, T) for the GAE methods.
     """
     fn = ADVANTAGES.lookup(method)
+    check_keyword_options("advantage method", method, fn, options)
     rewards = torch.as_tensor(rewards)
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.float32)
@@ -149,10 +157,10 @@ def advantages(rewards, group_ids=None, method: str = "group_norm", **kw) -> tor
         rewards = rewards.to(torch.float32)
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError(f"rewards contains NaN/inf ({int((~torch.isfinite(rewards)).sum())} entries); clean the reward function output")
-    if kw.get("values") is not None and not bool(torch.isfinite(kw["values"]).all()):
+    if values is not None and not bool(torch.isfinite(values).all()):
         raise ValueError("values contains NaN/inf")
     B = rewards.shape[0]
-    if method.startswith("gae"):
+    if getattr(fn, "token_level", False):  # per-token methods ignore groups
         index, G = None, 1
     else:
         if rewards.dim() != 1:
@@ -165,7 +173,7 @@ def advantages(rewards, group_ids=None, method: str = "group_norm", **kw) -> tor
                 raise ValueError(f"group_ids must have shape (B,) = ({B},), got {tuple(group_ids.shape)}")
             uniq, index = torch.unique(group_ids, return_inverse=True)
             G = int(uniq.numel())
-    return fn(rewards, index, G, **kw)
+    return fn(rewards, index, G, values, mask, **options)
 
 
 __all__ = ["ADVANTAGES", "advantages"]

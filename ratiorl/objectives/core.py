@@ -1,59 +1,91 @@
 """The composed objective: ``Objective`` (frozen dataclass), ``objective(name, **overrides)``.
 
-One call runs the axes in order (SPEC sections 2-5)::
+One call runs the axes in order (docs/objectives.md)::
 
-    delta  = clamp(logp - old_logp, -20, 20) * mask            (float32, section 7)
-    w      = WEIGHTS[weight](delta)          -> log weight, token- or sequence-level
-    L      = SHAPINGS[shaping](exp(log w), A)                   per-element loss
-    L     += beta * KL placement                                (section 5)
-    loss   = AGGREGATIONS[aggregation](L)                       (section 4)
+    delta  = clamp(logp - old_logp, -20, 20) * mask            (float32)
+    w      = WEIGHTS[weight](delta, info, **weight_options)     log weight, token- or sequence-level
+    L      = SHAPINGS[shaping](exp(log w), A, w, info, **shaping_options)   per-element loss
+    L     += beta * KL placement                                (KL_ESTIMATORS, KL_PLACEMENTS)
+    loss   = AGGREGATIONS[aggregation](L, info, **aggregation_options)
 
-Metrics are computed under ``no_grad`` and moved to the host with a single ``.tolist()``.
+Entries and resolved options are looked up once, at construction. Metrics are computed under
+``no_grad`` and moved to the host with a single ``.tolist()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from .._registry import check_keyword_options
 from ._batch import BatchInfo
+from ._inputs import check_inputs, handle_nonfinite
 from ._ops import clamp_abs
-from .advantages import ADVANTAGES
-from .aggregate import AGGREGATIONS
-from .kl import KL_ESTIMATORS, KL_PLACEMENTS
+from .kl import KL_PLACEMENTS, missing_input_message
+from .options import AXES, OPTION_FIELDS, REGISTRIES, capability, check_combination, check_values, compose, selected_entries
 from .presets import PRESETS
-from .shaping import RULES, SHAPINGS
-from .weights import WEIGHTS
+
+
+@dataclass(frozen=True)
+class ObjectiveDetails:
+    """Per-element tensors of one call (``return_details=True``), all detached.
+
+    ``weight``: the importance weight, (B, T) for a token-level weight, (B,) for a sequence-level
+    one; ``log_weight``: its log; ``level``: "token" | "sequence"; ``mask``: (B, T) float, 1 on
+    counted tokens (0 on dropped sequences); ``clipped_low`` / ``clipped_high`` / ``clipped_dual``:
+    bool, weight-shaped, where that bound is active on a valid element (None when the shaping
+    never clips); ``clipped_by_token``: (B, T) float 0/1, clipped low or high (sequence clips
+    broadcast to their tokens); ``token_kl``: (B, T) per-token KL of the estimator or None.
+    """
+
+    weight: torch.Tensor
+    log_weight: torch.Tensor
+    level: str
+    mask: torch.Tensor
+    clipped_low: Optional[torch.Tensor]
+    clipped_high: Optional[torch.Tensor]
+    clipped_dual: Optional[torch.Tensor]
+    clipped_by_token: torch.Tensor
+    token_kl: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
 class ObjectiveOutput:
     """``loss``: 0-dim tensor, differentiable w.r.t. logp (and token_kl).
-    ``metrics``: dict[str, float] (see ``Objective``); ``clip_frac_by_position`` is a list[float]."""
+    ``metrics``: dict[str, float] (see ``Objective``); ``clip_frac_by_position`` is a list[float].
+    ``details``: ``ObjectiveDetails`` when called with ``return_details=True``, else None."""
 
     loss: torch.Tensor
     metrics: dict = field(default_factory=dict)
+    details: Optional[ObjectiveDetails] = None
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A policy-gradient objective: one value per axis plus every hyperparameter (SPEC 2-8).
+    """A policy-gradient objective: one registry entry per axis, with its options.
 
     Call it as ``obj(logp, old_logp, advantages, mask, *, group_ids=None, ref_logp=None,
-    token_kl=None, num_tokens=None, num_sequences=None) -> ObjectiveOutput``.
+    token_kl=None, num_tokens=None, num_sequences=None, return_details=False) -> ObjectiveOutput``.
+
+    ``<axis>_options`` hold the options given explicitly; the others are the defaults in the
+    entry's signature. ``obj.option("clip_low")`` / ``obj.clip_low`` read a resolved option,
+    ``obj.options("shaping")`` all of one axis. Capabilities (``level``, ``needs_groups``,
+    ``needs_ref_logp``, ``needs_token_kl``, ``needs_critic``) are read from the entries.
 
     Metrics (floats): ``clip_frac`` (= ``clip_frac_low`` + ``clip_frac_high``: fraction of valid
     tokens -- or of non-empty sequences for a sequence-level weight -- where the clip bound is
     active and lowers the objective, PPO/TRL convention), ``weight_mean``, ``weight_max``,
     ``ess`` (normalised effective sample size (sum w)^2 / (n sum w^2) in (0, 1] of the weights
     over the same elements), ``dual_clip_frac`` (dual_clip / position_clip), ``kl`` (token mean
-    of the KL estimator, when beta > 0), ``nonfinite_dropped`` (when nonfinite="mask"). With
-    ``per_position_metrics=True`` also ``clip_frac_by_position``: a list of T floats, the clip
-    fraction among valid tokens at each response position (sequence-level clips are broadcast to
-    their tokens), the CTPO Fig. 1 diagnostic.
+    of the KL estimator, when beta > 0), ``nonfinite_dropped`` (when nonfinite="mask"), and the
+    weight's own ``Weight.metrics``. With ``per_position_metrics=True`` also
+    ``clip_frac_by_position``: a list of T floats, the clip fraction among valid tokens at each
+    response position (sequence-level clips are broadcast to their tokens), the CTPO Fig. 1
+    diagnostic.
 
     Numerics: per-token log-ratios are clamped to +-``log_ratio_clamp``; summed log weights
     (sequence, sequence_token) to +-``max_log_weight`` (saturating, no gradient beyond the
@@ -65,113 +97,148 @@ class Objective:
     """
 
     name: str = "custom"
-    # axes
     weight: str = "token"
+    weight_options: dict = field(default_factory=dict)
     shaping: str = "clip"
-    rule: Optional[str] = None  # for shaping="weighted"; ignored otherwise
+    shaping_options: dict = field(default_factory=dict)
+    rule: Optional[str] = None  # for a shaping with uses_rule (weighted); ignored otherwise
+    rule_options: dict = field(default_factory=dict)
     aggregation: str = "token_mean"
-    advantage: str = "group_norm"  # the trainer's default advantage method for this objective
-    # clip
-    clip_low: Optional[float] = 0.2
-    clip_high: Optional[float] = 0.2
-    dual_clip: float = 3.0
-    # CTPO position-adaptive clip
-    pos_clip_low: float = 0.025
-    pos_clip_high: float = 0.05
-    pos_power: float = 0.5
-    pos_dual_clip: float = 0.05
-    # SAPO gate
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-    # gradient-weight family
-    beta1: float = 0.75
-    beta2: float = 1.0
-    aspo_clip_low: float = 0.33
-    aspo_clip_high: float = 3.0
-    n: float = 1.0
-    m: float = 2.0
-    # self-normalised weights
-    normalize_scope: str = "group"
-    # KL
-    beta: float = 0.0
+    aggregation_options: dict = field(default_factory=dict)
     kl_estimator: str = "k3"
+    kl_estimator_options: dict = field(default_factory=dict)
     kl_placement: str = "loss"
-    # aggregation
-    max_tokens: Optional[int] = None
-    # numerics and diagnostics
+    advantage: str = "group_norm"  # the trainer's default advantage method for this objective
+    advantage_options: dict = field(default_factory=dict)
+    beta: float = 0.0
     log_ratio_clamp: float = 20.0
-    max_log_weight: float = 20.0
     nonfinite: str = "raise"
     per_position_metrics: bool = False
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ construction
     def __post_init__(self):
-        w = WEIGHTS.lookup(self.weight)
-        s = SHAPINGS.lookup(self.shaping)
-        AGGREGATIONS.lookup(self.aggregation)
-        KL_ESTIMATORS.lookup(self.kl_estimator)
+        for f in OPTION_FIELDS:  # a private copy: the resolved options below stay valid
+            object.__setattr__(self, f, dict(getattr(self, f) or {}))
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        entries = selected_entries(fields)
         placement = KL_PLACEMENTS.lookup(self.kl_placement)
-        ADVANTAGES.lookup(self.advantage)
-        if self.shaping == "weighted":
-            if self.rule is None:
-                raise ValueError(f"shaping='weighted' needs rule=...; valid rules: {', '.join(RULES.names())}")
-            RULES.lookup(self.rule)
-        if getattr(s, "requires_token_level", False) and w.level != "token":
-            raise ValueError(
-                f"shaping={self.shaping!r} clips each token by its position, but weight={self.weight!r} is one "
-                "value per sequence, so there is no per-position ratio to clip; use a token-level weight "
-                f"({', '.join(k for k, f in WEIGHTS.items() if f.level == 'token')}) or shaping='clip'"
-            )
-        if self.beta > 0 and placement.needs_sequence_weight and w.level != "sequence":
-            raise ValueError(
-                f"kl_placement={self.kl_placement!r} weights each sequence's mean KL by its sequence weight "
-                f"(SNIB Alg. 1 line 11), but weight={self.weight!r} is per token; use a sequence-level weight "
-                f"({', '.join(k for k, f in WEIGHTS.items() if f.level == 'sequence')}) or kl_placement='loss_is'"
-            )
-        if self.normalize_scope not in ("group", "batch"):
-            raise ValueError(f"normalize_scope must be 'group' or 'batch', got {self.normalize_scope!r}")
-        if self.nonfinite not in ("raise", "mask"):
-            raise ValueError(f"nonfinite must be 'raise' or 'mask', got {self.nonfinite!r}")
-        if self.clip_low is not None and not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"clip_low must be in [0, 1) or None, got {self.clip_low}")
-        if self.clip_high is not None and self.clip_high < 0:
-            raise ValueError(f"clip_high must be >= 0 or None, got {self.clip_high}")
-        if self.shaping == "dual_clip" and self.dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (it caps the loss of negative-advantage tokens at -c*A), got {self.dual_clip}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.tau_pos <= 0 or self.tau_neg <= 0:
-            raise ValueError(f"tau_pos and tau_neg must be > 0, got {self.tau_pos}, {self.tau_neg}")
-        if self.log_ratio_clamp <= 0 or self.max_log_weight <= 0:
-            raise ValueError("log_ratio_clamp and max_log_weight must be > 0")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive int or None, got {self.max_tokens}")
-        if self.shaping == "weighted" and self.rule == "dgpo" and (self.n <= 0 or self.m <= 0):
-            raise ValueError(f"dgpo needs n > 0 and m > 0, got n={self.n}, m={self.m}")
+        opts = {}
+        for axis, fn in entries.items():
+            opts[axis] = check_keyword_options(REGISTRIES[axis].kind, fields[axis], fn, fields[f"{axis}_options"])
+            check_values(opts[axis])
+        check_combination(fields, entries, placement)
+        flat = {}
+        for axis in AXES:
+            for k, v in opts.get(axis, {}).items():
+                flat.setdefault(k, v)
+        kw = dict(opts["shaping"])
+        if "rule" in entries:
+            kw["rule"] = functools.partial(entries["rule"], **opts["rule"]) if opts["rule"] else entries["rule"]
+        est = entries["kl_estimator"]
+        cache = dict(
+            _entries=entries, _opts=opts, _flat=flat, _placement=placement, _shaping_kw=kw,
+            _level=entries["weight"].level, _agg_level=entries["aggregation"].level,
+            _est_token_kl=bool(getattr(est, "needs_token_kl", False)),
+            _est_ref_logp=bool(getattr(est, "needs_ref_logp", False)),
+        )
+        for k, v in cache.items():
+            object.__setattr__(self, k, v)
+
+    def __hash__(self):
+        return hash(tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                          for k, v in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))))
+
+    def __getstate__(self):  # pickle the fields only; the caches are rebuilt
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self.__post_init__()
+
+    def __getattr__(self, key):  # resolved options as attributes: obj.clip_low
+        flat = self.__dict__.get("_flat")
+        if flat is not None and key in flat:
+            return flat[key]
+        hint = "" if key.startswith("_") or flat is None else "; no selected axis entry declares that option"
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}{hint}")
+
+    # ------------------------------------------------------------------ options and capabilities
+    def option(self, key: str, default=None):
+        """The resolved option ``key`` (given, or the entry's signature default); ``default``
+        when no selected entry declares it."""
+        return self._flat.get(key, default)
+
+    def options(self, axis: str) -> dict:
+        """The resolved options of one axis (``weight``, ``shaping``, ``rule``, ...)."""
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}; valid axes: {', '.join(AXES)}")
+        return dict(self._opts.get(axis, {}))
+
+    def entry(self, axis: str):
+        """The registry entry selected for ``axis`` (None for an unused rule)."""
+        return self._entries.get(axis) if axis != "kl_placement" else self._placement
 
     @property
     def level(self) -> str:
         """'token' or 'sequence': the level of this objective's importance weight."""
-        return WEIGHTS[self.weight].level
+        return self._level
+
+    @property
+    def loss_needs_groups(self) -> bool:
+        """The loss itself needs group ids (and whole groups per call): the weight declares it."""
+        return bool(capability(self._entries["weight"], "needs_groups", self._opts["weight"]))
+
+    @property
+    def needs_groups(self) -> bool:
+        """The weight (with its options) or the advantage method needs group ids / whole groups."""
+        return self.loss_needs_groups or bool(
+            capability(self._entries["advantage"], "needs_groups", self._opts["advantage"]))
+
+    @property
+    def needs_ref_logp(self) -> bool:
+        return self.beta > 0 and self._est_ref_logp
+
+    @property
+    def needs_token_kl(self) -> bool:
+        return self.beta > 0 and self._est_token_kl
+
+    @property
+    def needs_critic(self) -> bool:
+        return bool(capability(self._entries["advantage"], "needs_critic", self._opts["advantage"]))
+
+    def with_generation_limit(self, n: int) -> "Objective":
+        """A copy with ``max_tokens=n`` if the aggregation uses the generation limit and
+        ``max_tokens`` was not given; else this objective."""
+        if not getattr(self._entries["aggregation"], "uses_generation_limit", False):
+            return self
+        if self.aggregation_options.get("max_tokens") is not None:
+            return self
+        return self.replace(aggregation_options={**self.aggregation_options, "max_tokens": int(n)})
 
     def replace(self, **changes) -> "Objective":
-        """A copy with some fields changed (e.g. ``obj.replace(beta=controller.beta)``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields or options changed (e.g. ``obj.replace(beta=0.05)``,
+        ``obj.replace(clip_low=0.3)``, ``obj.replace(shaping="gate")``). Flat option keys go to
+        the selected entries that declare them (unknown keys raise ``ValueError``);
+        ``<axis>_options`` are merged onto the current ones; changing an axis drops the options
+        the new entry does not accept."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Objective(**compose(base, {}, changes, f" for objective {self.name!r}"))
 
     # ------------------------------------------------------------------ the call
     def __call__(self, logp, old_logp, advantages, mask, *, group_ids=None, ref_logp=None, token_kl=None,
-                 num_tokens=None, num_sequences=None) -> ObjectiveOutput:
+                 num_tokens=None, num_sequences=None, return_details=False) -> ObjectiveOutput:
         use_kl = self.beta > 0
         if not use_kl:
             ref_logp = token_kl = None  # unused: not checked, not computed
-        elif self.kl_estimator == "exact":
-            ref_logp = None
-            KL_ESTIMATORS["exact"](None, None, token_kl, self)  # raises a clear error when missing
         else:
-            token_kl = None
-            if ref_logp is None:
-                KL_ESTIMATORS[self.kl_estimator](logp, None, None, self)  # raises a clear error
-        _check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl, num_tokens, num_sequences)
+            token_kl = token_kl if self._est_token_kl else None
+            ref_logp = ref_logp if self._est_ref_logp else None
+            if self._est_token_kl and token_kl is None:
+                raise ValueError(missing_input_message(self.kl_estimator, True))
+            if self._est_ref_logp and ref_logp is None:
+                raise ValueError(missing_input_message(self.kl_estimator, False))
+        check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl, num_tokens, num_sequences)
         old_logp = old_logp.detach()
         advantages = advantages.detach()
         ref_logp = ref_logp.detach() if ref_logp is not None else None
@@ -185,84 +252,60 @@ class Objective:
             if t is not None:
                 fast = fast + t.detach().sum(dtype=torch.float32)
         if not bool(torch.isfinite(fast)):  # slow path only when something is not finite
-            logp, old_logp, advantages, ref_logp, token_kl, maskf, n_dropped = self._handle_nonfinite(
-                logp, old_logp, advantages, ref_logp, token_kl, maskf)
+            logp, old_logp, advantages, ref_logp, token_kl, maskf, n_dropped = handle_nonfinite(
+                self.nonfinite, logp, old_logp, advantages, ref_logp, token_kl, maskf)
 
-        info = BatchInfo(maskf, group_ids, num_tokens, num_sequences, n_dropped)
         c = self.log_ratio_clamp
-        delta = clamp_abs(logp.to(cd) - old_logp.to(cd), c) * maskf  # SPEC 7: float32, clamped, 0 on padding
+        info = BatchInfo(maskf, group_ids, num_tokens, num_sequences, n_dropped, c)
+        delta = clamp_abs(logp.to(cd) - old_logp.to(cd), c) * maskf  # float32, clamped, 0 on padding
 
-        w = WEIGHTS[self.weight](delta, info, self)
+        entries, opts = self._entries, self._opts
+        w = entries["weight"](delta, info, **opts["weight"])
         x = torch.exp(w.log_w)
         A = advantages.to(cd)
-        if w.level == "token":
+        if self._level == "token":
             A_el = A[:, None] if A.dim() == 1 else A
         else:
             A_el = A if A.dim() == 1 else info.seq_mean(A)  # one advantage per sequence
-        shaped = SHAPINGS[self.shaping](x, A_el, w, info, self)
+        shaped = entries["shaping"](x, A_el, w, info, **self._shaping_kw)
         L = shaped.loss
 
-        # KL (SPEC section 5)
+        # KL: beta * estimator, placed in the loss (KL_PLACEMENTS)
         kl_tok = kl_add = kl_extra = None
         if use_kl:
-            kl_tok = KL_ESTIMATORS[self.kl_estimator](logp, ref_logp, token_kl, self)
-            if self.kl_placement == "is_weighted":
+            kl_tok = entries["kl_estimator"](logp, ref_logp, token_kl, info, **opts["kl_estimator"])
+            if self._placement.needs_sequence_weight:
                 # SNIB Alg. 1 line 11: K = (1/B') sum_i w_i * mean_t kl_it, same weight w as the policy term
                 K = info.seq_mean(kl_tok)
                 kl_extra = self.beta * (x * K * info.seq_valid).sum() / info.num_sequences
             else:
-                x_tok = x if w.level == "token" else x[:, None]
-                kl_add = self.beta * KL_PLACEMENTS[self.kl_placement](kl_tok, x_tok)
+                x_tok = x if self._level == "token" else x[:, None]
+                kl_add = self.beta * self._placement(kl_tok, x_tok)
 
-        agg = AGGREGATIONS[self.aggregation]
-        if agg.level == "token":
-            L_tok = L if w.level == "token" else L[:, None]
+        agg = entries["aggregation"]
+        if self._agg_level == "token":
+            L_tok = L if self._level == "token" else L[:, None]
             if kl_add is not None:
                 L_tok = L_tok + kl_add
-            loss = agg(L_tok, info, self)
+            loss = agg(L_tok, info, **opts["aggregation"])
         else:
-            if w.level == "token":
+            if self._level == "token":
                 L_seq = info.seq_mean(L) if L.dim() == 2 else L
             else:
                 L_seq = L * info.seq_valid  # empty / dropped responses contribute 0
             if kl_add is not None:
                 L_seq = L_seq + info.seq_mean(kl_add)  # TRL GSPO: the sequence's mean token KL
-            loss = agg(L_seq, info, self)
+            loss = agg(L_seq, info, **opts["aggregation"])
         if kl_extra is not None:
             loss = loss + kl_extra
 
-        metrics = self._metrics(x, w.level, shaped, info, kl_tok, n_dropped)
-        return ObjectiveOutput(loss, metrics)
-
-    # ------------------------------------------------------------------ helpers
-    def _handle_nonfinite(self, logp, old_logp, advantages, ref_logp, token_kl, maskf):
-        valid = maskf > 0
-        bad_rows = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
-        named = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "ref_logp": ref_logp,
-                 "token_kl": token_kl}
-        clean = {}
-        for name, t in named.items():
-            if t is None:
-                clean[name] = None
-                continue
-            finite = torch.isfinite(t.detach())
-            bad = ~finite & valid if t.dim() == 2 else ~finite
-            rows = bad.any(1) if t.dim() == 2 else bad
-            if bool(rows.any()) and self.nonfinite == "raise":
-                idx = rows.nonzero().flatten()[:8].tolist()
-                raise ValueError(
-                    f"{name} contains NaN/inf at {int(bad.sum())} valid position(s) (rows {idx}"
-                    f"{'...' if int(rows.sum()) > 8 else ''}); fix the input or pass nonfinite='mask' to "
-                    "drop those sequences"
-                )
-            bad_rows |= rows
-            clean[name] = torch.where(finite, t, torch.zeros_like(t))  # also cleans padding
-        maskf = maskf * (~bad_rows).to(maskf.dtype)[:, None]
-        return (clean["logp"], clean["old_logp"], clean["advantages"], clean["ref_logp"], clean["token_kl"],
-                maskf, int(bad_rows.sum()))
+        metrics = self._metrics(x, w, shaped, info, kl_tok, n_dropped)
+        details = self._details(x, w, shaped, info, kl_tok) if return_details else None
+        return ObjectiveOutput(loss, metrics, details)
 
     @torch.no_grad()
-    def _metrics(self, x, level, shaped, info, kl_tok, n_dropped):
+    def _metrics(self, x, w, shaped, info, kl_tok, n_dropped):
+        level = self._level
         xv = x.detach()
         mb = info.mask_bool if level == "token" else info.seq_valid
         m = info.mask if level == "token" else info.seq_valid.to(info.mask.dtype)
@@ -285,69 +328,69 @@ class Objective:
         if kl_tok is not None:
             vals.append((kl_tok.detach() * info.mask).sum() / info.mask.sum().clamp_min(1.0))
             keys.append("kl")
+        floats = {}
+        for k, v in (w.metrics or {}).items():  # the weight's own metrics
+            if isinstance(v, torch.Tensor):
+                vals.append(v.detach().to(xm.dtype).reshape(()))
+                keys.append(k)
+            else:
+                floats[k] = float(v)
         out = dict(zip(keys, torch.stack(vals).tolist()))
+        out.update(floats)
         out["clip_frac"] = out["clip_frac_low"] + out["clip_frac_high"]
         if self.nonfinite == "mask":
             out["nonfinite_dropped"] = float(n_dropped)
         if self.per_position_metrics:
-            clipped = torch.zeros_like(xv)
-            for c in (shaped.clipped_low, shaped.clipped_high):
-                if c is not None:
-                    clipped = clipped + c
-            if level == "sequence":
-                clipped = clipped[:, None]
-            out["clip_frac_by_position"] = ((clipped * info.mask).sum(0) / info.mask.sum(0).clamp_min(1.0)).tolist()
+            clipped = _clipped_by_token(xv, shaped, level, info)
+            out["clip_frac_by_position"] = (clipped.sum(0) / info.mask.sum(0).clamp_min(1.0)).tolist()
         return out
 
+    @torch.no_grad()
+    def _details(self, x, w, shaped, info, kl_tok) -> ObjectiveDetails:
+        xv = x.detach()
+        mb = info.mask_bool if self._level == "token" else info.seq_valid
 
-def _check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl, num_tokens, num_sequences):
-    named = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if logp.dim() != 2:
-        raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
-    shape = tuple(logp.shape)
-    B = shape[0]
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("token_kl", token_kl)):
-        if t is not None:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has shape {shape}; both must be (B, T)")
-    if tuple(advantages.shape) not in ((B,), shape):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({B},) or (B, T) = {shape}")
-    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp),
-                    ("token_kl", token_kl)):
-        if t is not None and not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if mask.is_complex():
-        raise ValueError(f"mask must be bool, integer or float (0/1), got dtype {mask.dtype}")
-    if group_ids is not None:
-        if not isinstance(group_ids, torch.Tensor) or tuple(group_ids.shape) != (B,):
-            got = tuple(group_ids.shape) if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
-            raise ValueError(f"group_ids must be a (B,) = ({B},) tensor of ints, got {got}")
-        if group_ids.is_floating_point():
-            raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
-    for name, v in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
-        if v is not None and not isinstance(v, torch.Tensor) and v <= 0:
-            raise ValueError(f"{name} must be > 0 when given, got {v}")
+        def valid(c):
+            return None if c is None else torch.broadcast_to(c, xv.shape) & mb
+
+        return ObjectiveDetails(
+            weight=xv, log_weight=w.log_w.detach(), level=self._level, mask=info.mask,
+            clipped_low=valid(shaped.clipped_low), clipped_high=valid(shaped.clipped_high),
+            clipped_dual=valid(shaped.clipped_dual), clipped_by_token=_clipped_by_token(xv, shaped, self._level, info),
+            token_kl=None if kl_tok is None else kl_tok.detach())
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Objective) if f.name != "name")
+def _clipped_by_token(xv, shaped, level, info):
+    """(B, T) float 0/1: valid tokens where the low or the high bound is active (a sequence's clip
+    is broadcast to its tokens)."""
+    clipped = torch.zeros_like(xv)
+    for c in (shaped.clipped_low, shaped.clipped_high):
+        if c is not None:
+            clipped = clipped + c
+    if level == "sequence":
+        clipped = clipped[:, None]
+    return clipped * info.mask
 
 
 def objective(name: str, **overrides) -> Objective:
-    """The preset ``name`` of SPEC section 8 with some fields overridden.
+    """The preset ``name`` with some fields or options overridden.
 
-    ``objective("snib", clip_low=0.2, beta=0.1)``; ``objective("grpo", weight="cumulative")``.
-    Unknown names or override keys raise ``ValueError`` listing the valid ones.
+    ``objective("snib", clip_low=0.2, beta=0.1)``; ``objective("grpo", weight="cumulative")``;
+    ``objective("ctpo", shaping_options={"pos_power": 0.7})``. Flat option keys go to the selected
+    entries that declare them; the preset's own flat defaults that no selected entry declares are
+    dropped. Unknown names or keys raise ``ValueError`` listing the valid ones.
     """
     preset = PRESETS.lookup(name)
-    unknown = sorted(set(overrides) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown objective field(s) {unknown}; valid keys: {', '.join(_FIELDS)}")
-    return Objective(name=name, **{**preset.fields, **overrides})
+    base = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(Objective)}
+    base["name"] = name
+    preset_flat = {}
+    for k, v in preset.fields.items():
+        if k in base:
+            base[k] = v
+        else:
+            preset_flat[k] = v
+    return Objective(**compose(base, preset_flat, overrides, f" for objective {name!r}"))
 
 
 def available_objectives() -> list[str]:
@@ -355,4 +398,4 @@ def available_objectives() -> list[str]:
     return PRESETS.names()
 
 
-__all__ = ["Objective", "ObjectiveOutput", "objective", "available_objectives"]
+__all__ = ["Objective", "ObjectiveOutput", "ObjectiveDetails", "objective", "available_objectives"]

@@ -1,8 +1,12 @@
-"""KL regularisation (SPEC section 5): estimators, placements and beta controllers.
+"""KL regularisation (docs/objectives.md, "KL"): estimators, placements and beta controllers.
 
-Estimators ``fn(logp, ref_logp, token_kl, obj) -> (B, T)`` per-token KL values (float32),
-registered in ``KL_ESTIMATORS``. Placements (``KL_PLACEMENTS``) decide how beta * KL enters the
-loss; the core applies them (see ``core.Objective.__call__``):
+Estimators ``fn(logp, ref_logp, token_kl, info, *, <options>) -> (B, T)`` per-token KL values
+(float32), registered in ``KL_ESTIMATORS`` with the input they read: ``needs_ref_logp=True``
+(sampled estimators of log(pi / pi_ref)) or ``needs_token_kl=True`` (the full-vocabulary KL
+supplied by the policy engine); ``info.log_ratio_clamp`` is the objective's clamp.
+Placements (``KL_PLACEMENTS``) decide how beta * KL enters the loss; the core applies them
+(see ``core.Objective.__call__``); ``needs_sequence_weight=True`` marks the placement that
+weights each sequence's mean KL by the sequence weight:
 
 - ``loss``: beta * kl_t added to each token's loss before aggregation (GRPO);
 - ``loss_is``: beta * x_t * kl_t, x the policy weight of that token, gradient through both
@@ -22,45 +26,50 @@ KL_ESTIMATORS = Registry("KL estimator")
 KL_PLACEMENTS = Registry("KL placement")
 
 
-def _log_diff(logp, ref_logp, obj):
+def missing_input_message(name: str, needs_token_kl: bool) -> str:
+    """The error for a KL estimator called without the input it declares."""
+    if needs_token_kl:
+        others = ", ".join(k for k, f in KL_ESTIMATORS.items() if getattr(f, "needs_ref_logp", False))
+        return (f"kl_estimator={name!r} needs token_kl (B, T), the per-state full-vocabulary KL from the "
+                "policy engine (Policy.completion_stats(..., with_kl=True).token_kl); supply it, or pick "
+                f"another estimator ({others}) and pass ref_logp")
+    exact = [k for k, f in KL_ESTIMATORS.items() if getattr(f, "needs_token_kl", False)]
+    alt = f", or use kl_estimator={exact[0]!r} with token_kl" if exact else ""
+    return f"beta > 0 with a sampled KL estimator needs ref_logp (B, T): pass ref_logp=..., or set beta=0{alt}"
+
+
+def _log_diff(logp, ref_logp, info):
     if ref_logp is None:
-        raise ValueError(
-            "beta > 0 with a sampled KL estimator needs ref_logp (B, T): pass ref_logp=..., "
-            "or set beta=0, or use kl_estimator='exact' with token_kl"
-        )
-    c = obj.log_ratio_clamp
-    cd = torch.promote_types(logp.dtype, torch.float32)  # float32 at least (SPEC 7)
+        raise ValueError(missing_input_message("k3", False))
+    c = info.log_ratio_clamp
+    cd = torch.promote_types(logp.dtype, torch.float32)  # float32 at least
     return clamp_abs(ref_logp.to(cd) - logp.to(cd), c)  # log(pi_ref / pi_theta), clamped like delta
 
 
-@KL_ESTIMATORS.register("k1")
-def k1(logp, ref_logp, token_kl, obj):
+@KL_ESTIMATORS.register("k1", needs_ref_logp=True)
+def k1(logp, ref_logp, token_kl, info):
     # Schulman's k1: log(pi / pi_ref), unbiased, can be negative
-    return -_log_diff(logp, ref_logp, obj)
+    return -_log_diff(logp, ref_logp, info)
 
 
-@KL_ESTIMATORS.register("k2")
-def k2(logp, ref_logp, token_kl, obj):
+@KL_ESTIMATORS.register("k2", needs_ref_logp=True)
+def k2(logp, ref_logp, token_kl, info):
     # k2: 0.5 * (log(pi / pi_ref))^2
-    return 0.5 * _log_diff(logp, ref_logp, obj).square()
+    return 0.5 * _log_diff(logp, ref_logp, info).square()
 
 
-@KL_ESTIMATORS.register("k3")
-def k3(logp, ref_logp, token_kl, obj):
+@KL_ESTIMATORS.register("k3", needs_ref_logp=True)
+def k3(logp, ref_logp, token_kl, info):
     # GRPO's KL (tutorial sec. 6.2): exp(ref - logp) - (ref - logp) - 1 >= 0
-    d = _log_diff(logp, ref_logp, obj)
+    d = _log_diff(logp, ref_logp, info)
     return torch.exp(d) - d - 1.0
 
 
-@KL_ESTIMATORS.register("exact")
-def exact(logp, ref_logp, token_kl, obj):
+@KL_ESTIMATORS.register("exact", needs_token_kl=True)
+def exact(logp, ref_logp, token_kl, info):
     # Full-vocabulary KL(pi_theta(.|s_t) || pi_ref(.|s_t)) supplied by the policy engine (SNIB Alg. 1 line 11)
     if token_kl is None:
-        raise ValueError(
-            "kl_estimator='exact' needs token_kl (B, T), the per-state full-vocabulary KL from the "
-            "policy engine (Policy.completion_stats(..., with_kl=True).token_kl); supply it, or pick "
-            "another estimator (k1, k2, k3) and pass ref_logp"
-        )
+        raise ValueError(missing_input_message("exact", True))
     return token_kl.to(torch.promote_types(token_kl.dtype, torch.float32))
 
 
@@ -133,4 +142,4 @@ class AdaptiveBeta:
         return f"AdaptiveBeta(target={self.target}, horizon={self.horizon}, beta={self.beta})"
 
 
-__all__ = ["KL_ESTIMATORS", "KL_PLACEMENTS", "FixedBeta", "PrimalDualBeta", "AdaptiveBeta"]
+__all__ = ["KL_ESTIMATORS", "KL_PLACEMENTS", "missing_input_message", "FixedBeta", "PrimalDualBeta", "AdaptiveBeta"]

@@ -1,7 +1,9 @@
-"""Named objectives (SPEC section 8): each preset is only a set of defaults for ``Objective``.
+"""Named objectives (docs/objectives.md, "presets"): each preset is only a set of defaults.
 
-Add one with ``register_preset("name", source="...", weight=..., shaping=..., ...)``; every
-field of ``Objective`` not given keeps its dataclass default. ``advantage`` is the method the
+Add one with ``register_preset("name", source="...", weight=..., shaping=..., clip_low=...)``:
+axis names and ``Objective`` fields, plus flat options (``clip_low``, ``n``, ...) that
+``objective()`` routes to the selected entries that declare them (and drops where none does, so
+``objective("ctpo", shaping="dual_clip")`` works). Everything not given keeps its default. ``advantage`` is the method the
 trainer uses by default for this objective (``ratiorl.advantages(..., method=obj.advantage)``).
 """
 

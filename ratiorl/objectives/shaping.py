@@ -1,6 +1,7 @@
-"""Trust-region shaping: the "clip" axis (SPEC section 3).
+"""Trust-region shaping: the "clip" axis (docs/objectives.md, "shapings").
 
-A shaping is ``fn(x, A, w, info, obj) -> Shaped`` registered in ``SHAPINGS``:
+A shaping is ``fn(x, A, w, info, *, <options>) -> Shaped`` registered in ``SHAPINGS``; its
+hyperparameters are its keyword-only parameters (defaults in the signature):
 
 - ``x``: the weight exp(log_w) (B, T) or (B,), carrying the gradient path of its weight;
 - ``A``: advantages broadcastable to ``x`` (float32, no gradient);
@@ -8,11 +9,12 @@ A shaping is ``fn(x, A, w, info, obj) -> Shaped`` registered in ``SHAPINGS``:
 
 It returns the per-element loss L (to be minimised, before masking/aggregation) and, for metrics,
 boolean masks of the elements clipped at the low / high side (``None`` when the shaping never
-clips). ``requires_token_level=True`` marks shapings that only make sense per token.
+clips). ``requires_token_level=True`` marks shapings that only make sense per token;
+``uses_rule=True`` marks shapings that take ``rule=`` (a ``RULES`` entry with its options bound).
 
 The gradient-weight family (``shaping="weighted"``, DGPO eq. 1) is
 L = -A * (sg(v) + sg(F) * (logp - sg(logp))): value v, gradient F * A * grad logp. Its rules
-(``RULES``) are ``rule(r, A, l, u, regions, obj) -> F`` with the five regions of DGPO sec. 3
+(``RULES``) are ``rule(r, A, l, u, regions, *, <options>) -> F`` with the five regions of DGPO sec. 3
 (``Regions``: lazily computed boolean masks ``LN, HP, LP, HN``, the clipped value ``v``, and
 ``pos``/``neg`` = A > 0 / A < 0); ``l`` = 0 and ``u`` = inf when a bound is absent.
 """
@@ -37,10 +39,10 @@ class Shaped(NamedTuple):
     clipped_dual: Optional[torch.Tensor] = None
 
 
-def _bounds(obj):
+def _bounds(clip_low, clip_high):
     """(l, u) = (1 - clip_low, 1 + clip_high); ``None`` for a missing side."""
-    lo = None if obj.clip_low is None else 1.0 - obj.clip_low
-    hi = None if obj.clip_high is None else 1.0 + obj.clip_high
+    lo = None if clip_low is None else 1.0 - clip_low
+    hi = None if clip_high is None else 1.0 + clip_high
     return lo, hi
 
 
@@ -59,7 +61,7 @@ def _and(mask, rows):
     return mask & rows
 
 
-def _clip_bounds(A, obj, dual=None):
+def _clip_bounds(A, clip_low, clip_high, dual=None):
     """Per-element bounds (lower, upper) on the weight, shaped like A (usually (B, 1): cheap).
 
     PPO's -min(x A, clamp(x, l, u) A) equals -A * clamp(x, lower, upper) with
@@ -67,7 +69,7 @@ def _clip_bounds(A, obj, dual=None):
     since min(-A max(x, l), -c A) = -A min(max(x, l), c). One clamp instead of two products and a
     max; the gradient is the same (zero exactly where the PPO objective is flat).
     """
-    lo, hi = _bounds(obj)
+    lo, hi = _bounds(clip_low, clip_high)
     neg, pos = A < 0, A > 0
     lower = torch.where(neg, _full(A, -_INF if lo is None else lo), _full(A, -_INF))
     upper_neg = _full(A, _INF if dual is None else dual)
@@ -76,16 +78,16 @@ def _clip_bounds(A, obj, dual=None):
 
 
 @SHAPINGS.register("none")
-def none(x, A, w, info, obj):
+def none(x, A, w, info):
     # Plain IS policy gradient: L = -x * A   (tutorial sec. 5.2)
     return Shaped(-x * A)
 
 
 @SHAPINGS.register("clip")
-def clip(x, A, w, info, obj):
+def clip(x, A, w, info, *, clip_low=0.2, clip_high=0.2):
     # PPO clipped surrogate: L = -min(x A, clamp(x, l, u) A)   (tutorial sec. 5.3; GRPO; GSPO; SNIB Alg. 1 line 10)
     # computed as -A * clamp(x, lower(A), upper(A)), see _clip_bounds.
-    lower, upper, _, _ = _clip_bounds(A, obj)
+    lower, upper, _, _ = _clip_bounds(A, clip_low, clip_high)
     with torch.no_grad():  # PPO/TRL metrics: the bound is active and lowers the objective
         xd = x.detach()
         low, high = xd < lower, xd > upper
@@ -94,9 +96,9 @@ def clip(x, A, w, info, obj):
 
 
 @SHAPINGS.register("dual_clip")
-def dual_clip(x, A, w, info, obj):
+def dual_clip(x, A, w, info, *, clip_low=0.2, clip_high=0.2, dual_clip: float = 3.0):
     # PPO dual clip (Ye et al. 2020): as clip, then for A < 0 also min(L, -c A): -A * clamp(x, l, c) for A < 0
-    lower, upper, neg, pos = _clip_bounds(A, obj, dual=obj.dual_clip)
+    lower, upper, neg, pos = _clip_bounds(A, clip_low, clip_high, dual=dual_clip)
     with torch.no_grad():
         xd = x.detach()
         low, above = xd < lower, xd > upper
@@ -105,16 +107,17 @@ def dual_clip(x, A, w, info, obj):
 
 
 @SHAPINGS.register("position_clip", requires_token_level=True)
-def position_clip(x, A, w, info, obj):
+def position_clip(x, A, w, info, *, pos_clip_low: float = 0.025, pos_clip_high: float = 0.05,
+                  pos_power: float = 0.5, pos_dual_clip: float = 0.05):
     # CTPO sec. 3.3: log-space bounds growing like pos_t^p: lo_t = a pos^p, hi_t = b pos^p, c_t = c pos^p;
     # x~ = exp(clamp(log x, -lo_t, hi_t)); L = max(-x A, -x~ A); for A < 0: min(L, -A exp(c_t)).
     # Same value and gradient, one clamp: L = -A exp(clamp(log x, lower_t, upper_t)) with
     # (lower_t, upper_t) = (-inf, hi_t) for A > 0 and (-lo_t, c_t) for A < 0.
-    pp = info.pos_pow(obj.pos_power)  # (1, T) for right-padded masks, else (B, T)
+    pp = info.pos_pow(pos_power)  # (1, T) for right-padded masks, else (B, T)
     big = 1e30  # a finite "infinity": it multiplies pp, which is 0 before a row's first token
     neg, pos = A < 0, A > 0
-    lower = torch.where(neg, _full(A, -obj.pos_clip_low), _full(A, -big)) * pp
-    upper = torch.where(neg, _full(A, obj.pos_dual_clip), torch.where(pos, _full(A, obj.pos_clip_high), _full(A, big))) * pp
+    lower = torch.where(neg, _full(A, -pos_clip_low), _full(A, -big)) * pp
+    upper = torch.where(neg, _full(A, pos_dual_clip), torch.where(pos, _full(A, pos_clip_high), _full(A, big))) * pp
     lw = w.log_w
     with torch.no_grad():
         lwd = lw.detach()
@@ -124,10 +127,10 @@ def position_clip(x, A, w, info, obj):
 
 
 @SHAPINGS.register("gate")
-def gate(x, A, w, info, obj):
+def gate(x, A, w, info, *, tau_pos: float = 1.0, tau_neg: float = 1.05):
     # SAPO soft gate (tutorial sec. 7.5): L = -(4/tau) sigmoid(tau (x - 1)) A, tau = tau_pos if A > 0 else tau_neg;
     # its gradient at x = 1 is exactly the REINFORCE gradient -A grad logp. Never hard-clips.
-    tau = torch.where(A > 0, A.new_full((), obj.tau_pos), A.new_full((), obj.tau_neg))
+    tau = torch.where(A > 0, A.new_full((), tau_pos), A.new_full((), tau_neg))
     return Shaped(-(4.0 / tau) * torch.sigmoid(tau * (x - 1.0)) * A)
 
 
@@ -164,60 +167,59 @@ class Regions:
         return self._get("HN", lambda: _and(self.r > self.hi, self.neg) if self.hi is not None else self.r < -1.0)
 
 
-@SHAPINGS.register("weighted")
-def weighted(x, A, w, info, obj):
+@SHAPINGS.register("weighted", uses_rule=True)
+def weighted(x, A, w, info, *, rule, clip_low=0.2, clip_high=0.2):
     # DGPO eq. 1 (gradient-weight view): L = -A (sg(v) + sg(F) (logp - sg(logp))), value v, gradient F A grad logp;
     # regions of DGPO sec. 3 (see Regions); v = clamp(r, l, u) on LN/HP, r elsewhere.
-    rule = RULES.lookup(obj.rule)
-    lo, hi = _bounds(obj)
-    lower, upper, neg, pos = _clip_bounds(A, obj)
+    lo, hi = _bounds(clip_low, clip_high)
+    lower, upper, neg, pos = _clip_bounds(A, clip_low, clip_high)
     with torch.no_grad():
         reg = Regions(x.detach(), A, lo, hi, lower, upper, neg, pos)
         l = 0.0 if lo is None else lo  # an absent bound makes its regions empty
         u = _INF if hi is None else hi
-        F = torch.broadcast_to(rule(reg.r, A, l, u, reg, obj), reg.r.shape)
+        F = torch.broadcast_to(rule(reg.r, A, l, u, reg), reg.r.shape)
         low, high = reg.LN, reg.HP
     lp = w.logp_term
     loss = -A * (reg.v + F * (lp - lp.detach()))
     return Shaped(loss, low, high)
 
 
-# ---- rules of the gradient-weight family (SPEC section 3 table; F multiplies A * grad logp) ----
+# ---- rules of the gradient-weight family (DGPO sec. 3, Table 1; F multiplies A * grad logp) ----
 
 
 @RULES.register("hard")
-def rule_hard(r, A, l, u, reg, obj):
+def rule_hard(r, A, l, u, reg):
     # GRPO written in this family: zero gradient where the clip is active (DGPO eq. 2)
     return r * ~(reg.LN | reg.HP)
 
 
 @RULES.register("cispo")
-def rule_cispo(r, A, l, u, reg, obj):
+def rule_cispo(r, A, l, u, reg):
     # CISPO: F = sg(clamp(r, l, u)) everywhere, gradient never zero (DGPO eq. 3; MiniMax-M1)
     return r.clamp(min=l, max=u)
 
 
 @RULES.register("gppo")
-def rule_gppo(r, A, l, u, reg, obj):
+def rule_gppo(r, A, l, u, reg):
     # GPPO: keep the gradient of clipped tokens with the bound as weight (DGPO eq. 4):
     # l on LN, u on HP, r elsewhere -- which is exactly the clipped value v
     return reg.v
 
 
 @RULES.register("ce_gppo")
-def rule_ce_gppo(r, A, l, u, reg, obj):
+def rule_ce_gppo(r, A, l, u, reg, *, beta1: float = 0.75, beta2: float = 1.0):
     # CE-GPPO: GPPO with scaled bounds beta1 * l on LN, beta2 * u on HP (DGPO eq. 5)
-    F = torch.where(reg.LN, obj.beta1 * l, r)
-    return torch.where(reg.HP, obj.beta2 * u, F)
+    F = torch.where(reg.LN, beta1 * l, r)
+    return torch.where(reg.HP, beta2 * u, F)
 
 
 @RULES.register("aspo")
-def rule_aspo(r, A, l, u, reg, obj):
+def rule_aspo(r, A, l, u, reg, *, aspo_clip_low: float = 0.33, aspo_clip_high: float = 3.0):
     # ASPO as tabulated in DGPO eq. 6 -- OUR READING of a table whose symbols were lost in
     # extraction: flipped ratio 1/r for positive tokens, soft dual clip at 1 + aspo_clip_high.
     # LN, HP: 0; LP: min(1/r, 1 + c_high), or 1 - c_low where r < 1 - c_low; HN: min(r, 1 + c_high);
     # M: 1/r if A > 0, r if A < 0.
-    lo_a, hi_a = 1.0 - obj.aspo_clip_low, 1.0 + obj.aspo_clip_high
+    lo_a, hi_a = 1.0 - aspo_clip_low, 1.0 + aspo_clip_high
     inv = r.reciprocal()
     F = inv * reg.pos + r * reg.neg  # M: 1/r for A > 0, r for A < 0 (pos/neg are A-shaped: cheap, exact)
     if u <= hi_a and l * hi_a >= 1.0 and lo_a <= l:
@@ -233,12 +235,12 @@ def rule_aspo(r, A, l, u, reg, obj):
 
 
 @RULES.register("dgpo")
-def rule_dgpo(r, A, l, u, reg, obj):
+def rule_dgpo(r, A, l, u, reg, *, n: float = 1.0, m: float = 2.0):
     # DGPO eq. 9-10 on grad logp: LN F = r^(n+1) / l^n, HP F = u^(1/m) r^(1-1/m), r elsewhere;
     # continuous at r = l and r = u, never zero (decoupled decay of the probability gradient).
     # With q = r / v (r/l on LN, r/u on HP, 1 elsewhere): F = r q^n on LN, r q^(-1/m) on HP, and
     # since LN needs A < 0 and HP needs A > 0 the exponent is one number per sign of A.
-    e = torch.where(reg.neg, A.new_full((), float(obj.n)), A.new_full((), -1.0 / obj.m))
+    e = torch.where(reg.neg, A.new_full((), float(n)), A.new_full((), -1.0 / m))
     return r * torch.pow(r / reg.v, e)
 
 

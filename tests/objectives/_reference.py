@@ -1,8 +1,10 @@
-"""An independent, deliberately plain reimplementation of SPEC sections 2-5 for the tests.
+"""An independent, deliberately plain reimplementation of the objectives for the tests
+(weights, shapings, KL, aggregations as written in the papers: PPO/GRPO tutorial secs. 5-7,
+DGPO eqs. 1-10, CTPO sec. 3.3, SNIB Alg. 1, GSPO).
 
 Python loops over sequences and tokens, scalar torch ops in float64 (so autograd gives the
 reference gradient). It shares no code with ``ratiorl.objectives``; it reads the hyperparameters
-from an ``Objective`` only as a bag of numbers.
+from an ``Objective`` only as a bag of numbers (``obj.option(name)``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _max(a, b):
 
 
 def _F(rule, r, a, l, u, o):
-    """Gradient weight F of the weighted family, region by region (SPEC section 3 table)."""
+    """Gradient weight F of the weighted family, region by region (DGPO sec. 3, Table 1)."""
     below = l is not None and r < l
     above = u is not None and r > u
     LN, HP, LP, HN = below and a < 0, above and a > 0, below and a > 0, above and a < 0
@@ -60,8 +62,8 @@ def _F(rule, r, a, l, u, o):
 
 def _shape(o, x, a, pos, lp_term):
     """Per-element loss for weight value x (0-dim tensor with its gradient path)."""
-    l = None if o.clip_low is None else 1 - o.clip_low
-    u = None if o.clip_high is None else 1 + o.clip_high
+    l = None if o.option("clip_low") is None else 1 - o.clip_low
+    u = None if o.option("clip_high") is None else 1 + o.clip_high
     if o.shaping == "none":
         return -x * a
     if o.shaping in ("clip", "dual_clip"):
@@ -109,7 +111,7 @@ def reference_loss(o, logp, old, adv, mask, group_ids=None, ref=None, token_kl=N
     lens = [len(ti) for ti in toks]
     Bp = num_sequences if num_sequences is not None else B
     N = num_tokens if num_tokens is not None else max(sum(lens), 1)
-    maxT = o.max_tokens if o.max_tokens is not None else T
+    maxT = o.option("max_tokens") if o.option("max_tokens") is not None else T
 
     def adv_of(i, t):
         return float(adv[i]) if adv.dim() == 1 else float(adv[i, t])

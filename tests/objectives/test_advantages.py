@@ -1,4 +1,4 @@
-"""SPEC section 6: advantage estimators."""
+"""Advantage estimators (GRPO tutorial sec. 6.1, RLOO, GAE tutorial sec. 4.2, VAPO sec. 7.3)."""
 
 import pytest
 import torch

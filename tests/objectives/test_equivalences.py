@@ -1,4 +1,7 @@
-"""SPEC section 9, equivalences 1, 3, 4, 5, 6 (2, TRL, lives in test_trl_equivalence.py)."""
+"""Equivalences between objectives (docs/objectives.md, "equivalences"): on-policy gradient =
+REINFORCE; weighted/hard = clip (DGPO eq. 2); GSPO-token = GSPO (GSPO sec. 4.3); cumulative =
+token at t = 1 and sequence at t = |y| (CTPO Prop. 1); split batches (TRL equivalence lives in
+test_trl_equivalence.py)."""
 
 import pytest
 import torch
@@ -20,7 +23,8 @@ def test_1_on_policy_gradient_is_reinforce(name, token_adv):
     d = make_batch(token_adv=token_adv)
     d["old"] = d["logp"].clone()  # on-policy: logp == old_logp in value
     _, g, _ = loss_and_grad(obj, d)
-    reinforce = Objective(weight="token", shaping="none", aggregation=obj.aggregation, max_tokens=obj.max_tokens)
+    reinforce = Objective(weight="token", shaping="none", aggregation=obj.aggregation,
+                          aggregation_options=obj.aggregation_options)
     _, g_ref, _ = loss_and_grad(reinforce, d)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
     assert g.abs().sum() > 0
@@ -40,7 +44,7 @@ def test_3_weighted_hard_equals_clip(weight, clip):
     lo, hi = clip
     d = make_batch(scale=0.4, token_adv=(weight in ("token", "cumulative")))
     agg = "sequence" if weight in ("sequence", "self_normalized") else "token_mean"
-    a = Objective(weight=weight, shaping="clip", clip_low=lo, clip_high=hi, aggregation=agg)
+    a = Objective(weight=weight, shaping="clip", shaping_options=dict(clip_low=lo, clip_high=hi), aggregation=agg)
     b = a.replace(shaping="weighted", rule="hard")
     out_a, ga, _ = loss_and_grad(a, d)
     out_b, gb, _ = loss_and_grad(b, d)
@@ -52,7 +56,8 @@ def test_3_weighted_hard_equals_clip(weight, clip):
 @pytest.mark.parametrize("shaping", ["clip", "none", "gate", "dual_clip"])
 def test_4_geometric_token_equals_geometric(shaping):
     d = make_batch(scale=0.05)  # A is one value per sequence
-    geo = Objective(weight="geometric", shaping=shaping, clip_low=3e-2, clip_high=4e-2, aggregation="sequence")
+    bounds = dict(clip_low=3e-2, clip_high=4e-2) if shaping in ("clip", "dual_clip") else {}
+    geo = Objective(weight="geometric", shaping=shaping, shaping_options=bounds, aggregation="sequence")
     tok = geo.replace(weight="geometric_token", aggregation="seq_mean_token_mean")
     out_g, gg, _ = loss_and_grad(geo, d)
     out_t, gt, _ = loss_and_grad(tok, d)
@@ -61,9 +66,9 @@ def test_4_geometric_token_equals_geometric(shaping):
     assert gg.abs().sum() > 0
 
 
-def _weight(name, delta, mask, obj=None):
+def _weight(name, delta, mask):
     info = BatchInfo(mask.to(delta.dtype), torch.arange(delta.shape[0]) // 3, None, None, 0)
-    return WEIGHTS[name](delta * mask, info, obj or Objective())
+    return WEIGHTS[name](delta * mask, info)
 
 
 def test_5_cumulative_is_token_first_and_sequence_last():

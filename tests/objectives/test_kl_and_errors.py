@@ -65,8 +65,19 @@ def test_unknown_names_list_valid_ones():
 
 
 def test_unknown_override_lists_valid_keys():
-    with pytest.raises(ValueError, match=r"\['clip_lo'\].*clip_low.*normalize_scope"):
+    with pytest.raises(ValueError, match=r"\['clip_lo'\].*did you mean 'clip_low'.*valid keys:.*clip_high"):
         ratiorl.objective("grpo", clip_lo=0.1)
+    # an option that exists, but not on any selected entry (grpo's shaping is clip, not dual_clip)
+    with pytest.raises(ValueError, match=r"\['dual_clip'\].*valid keys:.*clip_low"):
+        ratiorl.objective("grpo", dual_clip=2.0)
+    with pytest.raises(ValueError, match=r"\['normalize_scop'\].*did you mean 'normalize_scope'"):
+        ratiorl.objective("snib").replace(normalize_scop="batch")
+    # explicit per-axis options are checked against the entry's signature
+    with pytest.raises(ValueError, match=r"shaping 'position_clip' got unknown option\(s\) 'pos_powr' "
+                                         r"\(did you mean 'pos_power'\?\); valid options: pos_clip_low"):
+        ratiorl.objective("ctpo", shaping_options={"pos_powr": 0.7})
+    with pytest.raises(ValueError, match=r"advantage method 'group_mean' got unknown option\(s\) 'eps'"):
+        ratiorl.advantages(torch.randn(4), None, method="group_mean", eps=1e-3)
 
 
 def test_meaningless_combinations_say_why():

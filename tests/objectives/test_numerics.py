@@ -1,4 +1,5 @@
-"""SPEC section 7: long sequences, low precision, empty responses, non-finite inputs."""
+"""Numerics (docs/objectives.md, "numerics"): long sequences, low precision, empty responses,
+non-finite inputs."""
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import ratiorl
-from ratiorl.objectives import Objective
 
 from ._data import loss_and_grad, make_batch
 from ._reference import reference_loss
@@ -84,7 +83,7 @@ def test_kl_estimators_and_placements(base, estimator, placement):
     ],
 )
 def test_compositions_match_reference(overrides):
-    obj = Objective(**overrides)
+    obj = ratiorl.objective("bnpo", **overrides)  # bnpo: token weight, clip 0.2, token_mean
     _check(obj, make_batch(scale=0.4))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ratiorl
-from ratiorl.objectives import RULES, WEIGHTS, Objective
+from ratiorl.objectives import RULES, WEIGHTS, Objective, Weight
 
 from ._data import call, loss_and_grad, make_batch
 
@@ -67,7 +67,8 @@ def test_gppo_and_ce_gppo_F():
 
 def _group_sums(weight, d, scope="group"):
     """sum_{i in g} w_i for each group, through the public API (shaping none, sequence aggregation)."""
-    obj = Objective(weight=weight, shaping="none", aggregation="sequence", normalize_scope=scope)
+    opts = {"normalize_scope": scope} if weight.startswith("self_normalized") else {}
+    obj = Objective(weight=weight, shaping="none", aggregation="sequence", weight_options=opts)
     sums = {}
     B = d["mask"].shape[0]
     for gid in d["group_ids"].unique().tolist():
@@ -148,8 +149,7 @@ def test_metrics_content():
 
 def test_registering_a_new_weight_composes_with_everything():
     @WEIGHTS.register("half_token_test", level="token")
-    def half_token(delta, info, obj):
-        from ratiorl.objectives.weights import Weight
+    def half_token(delta, info):
         return Weight(0.5 * delta, "token", delta)
 
     try:

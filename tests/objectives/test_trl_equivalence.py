@@ -1,4 +1,4 @@
-"""SPEC section 9, equivalence 2: ratiorl presets against TRL 1.16's GRPOTrainer loss.
+"""Equivalence with TRL: ratiorl presets against TRL 1.16's GRPOTrainer loss.
 
 For each pairing below we run TRL's *own* loss code (`GRPOTrainer.compute_loss` of a real
 trainer built on a tiny local GPT-2, see `_trl_harness.py`) on the very tensors we give
@@ -31,7 +31,7 @@ KL (k3 estimator, beta > 0): ratiorl `kl_placement="loss"` <-> TRL `use_bias_cor
 `kl_placement="loss_is"` <-> `use_bias_correction_kl=True` (TRL's default): the per-token KL is
 multiplied by the token ratio, or by the sequence (geometric) ratio for GSPO, with gradient
 through the ratio. For GSPO, TRL averages each sequence's per-token KL over its tokens before
-the mean over sequences, as SPEC section 5 says for `sequence` aggregation.
+the mean over sequences, as ratiorl's `sequence` aggregation does (docs/objectives.md, KL).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def test_matches_trl(trl, preset, variant, kl, shape):
 @pytest.mark.parametrize("variant", ["default", "custom"])
 def test_cispo_value_convention(trl, variant, kl, shape):
     """CISPO: TRL's loss value is the linear surrogate sum(-sg(min(r, 1+c)) * A * logp) / N, whose
-    value depends on the absolute log-probs; ratiorl's `weighted` value is -A * v (SPEC section 3).
+    value depends on the absolute log-probs; ratiorl's `weighted` value is -A * v (DGPO eq. 1).
     The gradients agree (test_matches_trl). Here: TRL's policy value is exactly that surrogate, and
     the KL part of the value agrees, i.e. loss_trl - loss_ours does not depend on beta."""
     pairing = PAIRINGS[("cispo", variant)]

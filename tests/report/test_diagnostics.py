@@ -100,8 +100,8 @@ def test_weight_histograms_match_direct(batch):
     assert math.isclose(h["ess_raw"], w.sum() ** 2 / (len(w) * (w**2).sum()), rel_tol=1e-5)
 
 
-def _spec_F(rule, r, A, l, u):
-    """SPEC section 3 table, written out directly."""
+def _table_F(rule, r, A, l, u):
+    """The gradient weights of DGPO sec. 3 (Table 1, eqs. 2-10), written out directly."""
     LN, HP = (r < l) & (A < 0), (r > u) & (A > 0)
     LP, HN = (r < l) & (A > 0), (r > u) & (A < 0)
     F = r.copy()
@@ -126,10 +126,10 @@ def _spec_F(rule, r, A, l, u):
 
 @pytest.mark.parametrize("rule", ["hard", "cispo", "gppo", "ce_gppo", "aspo", "dgpo"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_gradient_weight_matches_spec_table(rule, sign):
+def test_gradient_weight_matches_dgpo_table(rule, sign):
     r = np.linspace(0.31, 2.9, 60)  # avoids the bounds themselves
     F = D.gradient_weight(rule, torch.tensor(r), sign, clip_low=0.2, clip_high=0.2).double().numpy()
-    assert np.allclose(F, _spec_F(rule, r, sign, 0.8, 1.2), rtol=1e-5, atol=1e-6)
+    assert np.allclose(F, _table_F(rule, r, sign, 0.8, 1.2), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_weight_of_cispo_preset_uses_its_bounds():
@@ -187,32 +187,32 @@ def test_grad_norm_by_length_matches_direct(batch):
 
 def test_step_scalars_match_direct(batch):
     logp, old, mask, A, gid, lengths = batch
-    s = D.step_scalars(logp, old, mask, None, gid, clip_low=0.2, clip_high=0.2)
+    s = D.step_scalars(ratiorl.objective("grpo", clip_low=0.2, clip_high=0.2), logp, old, None, mask, gid)
     seqs = _valid_tokens(logp, old, mask)
     toks = [(t, d, S) for seq in seqs for (t, d), S in zip(seq, np.cumsum([d for _, d in seq]))]
     d = np.array([x[1] for x in toks])
     S = np.array([x[2] for x in toks])
     t = np.array([x[0] for x in toks])
     lo, hi = np.log(0.8), np.log(1.2)
-    assert math.isclose(s["diag/log_ratio_mean"], d.mean(), abs_tol=1e-6)
-    assert math.isclose(s["diag/log_ratio_std"], d.std(ddof=1), rel_tol=1e-4)
-    assert math.isclose(s["diag/token_clip_frac"], np.mean((d < lo) | (d > hi)), abs_tol=1e-6)
-    assert math.isclose(s["diag/cumulative_clip_frac"], np.mean((S < lo) | (S > hi)), abs_tol=1e-6)
+    assert math.isclose(s["log_ratio_mean"], d.mean(), abs_tol=1e-6)
+    assert math.isclose(s["log_ratio_std"], d.std(ddof=1), rel_tol=1e-4)
+    assert math.isclose(s["token_clip_frac"], np.mean((d < lo) | (d > hi)), abs_tol=1e-6)
+    assert math.isclose(s["cumulative_clip_frac"], np.mean((S < lo) | (S > hi)), abs_tol=1e-6)
     adaptive = (S < -0.025 * np.sqrt(t)) | (S > 0.05 * np.sqrt(t))
-    assert math.isclose(s["diag/cumulative_clip_frac_adaptive"], adaptive.mean(), abs_tol=1e-6)
+    assert math.isclose(s["cumulative_clip_frac_adaptive"], adaptive.mean(), abs_tol=1e-6)
     early = t <= t.max() / 2
-    assert math.isclose(s["diag/cumulative_clip_frac_early"], np.mean(((S < lo) | (S > hi))[early]), abs_tol=1e-6)
-    assert math.isclose(s["diag/kl_k1"], -d.mean(), abs_tol=1e-6)
-    assert math.isclose(s["diag/kl_k3"], np.mean(np.exp(d) - d - 1), rel_tol=1e-4)
+    assert math.isclose(s["cumulative_clip_frac_early"], np.mean(((S < lo) | (S > hi))[early]), abs_tol=1e-6)
+    assert math.isclose(s["kl_k1"], -d.mean(), abs_tol=1e-6)
+    assert math.isclose(s["kl_k3"], np.mean(np.exp(d) - d - 1), rel_tol=1e-4)
     lw = np.array([sum(x for _, x in seq) for seq in seqs if seq])
-    assert math.isclose(s["diag/seq_log_w_std"], lw.std(ddof=1), rel_tol=1e-4)
+    assert math.isclose(s["seq_log_w_std"], lw.std(ddof=1), rel_tol=1e-4)
     w = np.exp(lw)
-    assert math.isclose(s["diag/ess_raw"], w.sum() ** 2 / (len(w) * (w**2).sum()), rel_tol=1e-5)
-    assert math.isclose(s["diag/length_mean"], float(lengths.float().mean()), rel_tol=1e-6)
+    assert math.isclose(s["ess_raw"], w.sum() ** 2 / (len(w) * (w**2).sum()), rel_tol=1e-5)
+    assert math.isclose(s["length_mean"], float(lengths.float().mean()), rel_tol=1e-6)
     assert all(math.isfinite(v) for v in s.values())
     # with advantages only active clipping counts, so the fraction can only fall
-    s2 = D.step_scalars(logp, old, mask, A, gid)
-    assert s2["diag/token_clip_frac"] <= s["diag/token_clip_frac"]
+    s2 = D.step_scalars(ratiorl.objective("grpo"), logp, old, A, mask, gid, prefix="diag/")
+    assert s2["diag/token_clip_frac"] <= s["token_clip_frac"]
 
 
 def test_plots_write_pngs(tmp_path, batch):
@@ -229,3 +229,76 @@ def test_plots_write_pngs(tmp_path, batch):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- one code path: the objective
+
+
+def test_step_scalars_report_the_objective_itself(batch):
+    logp, old, mask, A, gid, _ = batch
+    obj = ratiorl.objective("dapo", clip_low=0.1, clip_high=0.15)
+    s = D.step_scalars(obj, logp, old, A, mask, gid)
+    clean = torch.where(mask > 0, logp, old)
+    direct = obj(clean, old, A, mask, group_ids=gid).metrics
+    for k in ("clip_frac", "clip_frac_low", "weight_max", "ess"):
+        assert s[f"objective_{k}"] == pytest.approx(direct[k], rel=1e-6, abs=1e-7), k
+    # the token clip window is the objective's: independent count with dapo's bounds
+    seqs = _valid_tokens(logp, old, mask)
+    hits = [(d < np.log(0.9) and A[i] < 0) or (d > np.log(1.15) and A[i] > 0)
+            for i, seq in enumerate(seqs) for _, d in seq]
+    assert s["token_clip_frac"] == pytest.approx(np.mean(hits), abs=1e-6) and 0 < s["token_clip_frac"]
+    assert s["objective_clip_frac"] == pytest.approx(s["token_clip_frac"], abs=1e-6)  # dapo is that clip
+
+
+def test_clip_fraction_by_position_includes_the_objective(batch):
+    logp, old, mask, A, gid, _ = batch
+    obj = ratiorl.objective("snib", beta=0.0, per_position_metrics=True)
+    c = D.clip_fraction_by_position(logp, old, mask, advantages=A, obj=obj, group_ids=gid)
+    clean = torch.where(mask > 0, logp, old)
+    by_pos = obj(clean, old, A, mask, group_ids=gid).metrics["clip_frac_by_position"]
+    T = len(c["position"])
+    assert c["objective"] == "snib" and T > 0
+    assert c["clip_frac_objective"] == pytest.approx(by_pos[:T], abs=1e-6) and max(c["clip_frac_objective"]) > 0
+
+
+def test_a_new_weight_shows_up_without_touching_report(batch):
+    from ratiorl.objectives import WEIGHTS, Weight
+
+    @WEIGHTS.register("diag_test_half", level="token")
+    def half(delta, info, *, alpha: float = 0.5):
+        return Weight(alpha * delta, "token", delta, metrics={"half_alpha": alpha, "half_mean": delta.mean()})
+
+    try:
+        logp, old, mask, A, gid, _ = batch
+        obj = ratiorl.objective("grpo", weight="diag_test_half", weight_options={"alpha": 0.25})
+        s = D.step_scalars(obj, logp, old, A, mask, gid)
+        assert s["objective_half_alpha"] == 0.25
+        d = torch.where(mask > 0, logp - old, torch.zeros_like(old))
+        assert s["objective_half_mean"] == pytest.approx(float(d.mean()), abs=1e-6)
+        # its weight exp(alpha * delta) is what the objective's metrics describe
+        r = torch.exp(0.25 * d)[mask > 0]
+        assert s["objective_weight_max"] == pytest.approx(float(r.max()), rel=1e-6)
+    finally:
+        del WEIGHTS["diag_test_half"]
+
+
+@pytest.mark.parametrize("name,n_png", [("grpo", 3), ("snib", 3), ("dgpo", 4), ("ctpo", 3)])
+def test_plot_step_writes_pngs(tmp_path, batch, name, n_png):
+    logp, old, mask, A, gid, _ = batch
+    paths = D.plot_step(ratiorl.objective(name), logp, old, A, mask, gid, out_dir=str(tmp_path),
+                        max_new_tokens=12, label="step 3")
+    names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+    expected = ["clip_by_position.png", "grad_norm_by_length.png", "weight_histograms.png"]
+    assert names == sorted(expected + (["gradient_weight.png"] if n_png == 4 else []))
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_weight_of_an_objective_uses_its_rule_options():
+    r = torch.tensor([0.5, 1.0, 1.5])
+    obj = ratiorl.objective("dgpo", n=2.0, m=3.0, clip_low=0.2, clip_high=0.2)
+    F = D.gradient_weight(obj, r, -1.0).double()
+    assert F[0].item() == pytest.approx(0.5**3 / 0.8**2, rel=1e-5)  # LN: r^(n+1) / l^n
+    F = D.gradient_weight(obj, r, 1.0).double()
+    assert F[2].item() == pytest.approx(1.2 ** (1 / 3) * 1.5 ** (2 / 3), rel=1e-5)  # HP: u^(1/m) r^(1-1/m)
