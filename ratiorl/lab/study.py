@@ -15,28 +15,29 @@ Five experiments, each against the exact gradient of a small enumerable policy:
 5. ``rewards``       the main comparisons again for structured and sparse 0/1 rewards.
 
 Every estimate comes from the library's own objectives (``ratiorl.objective``) and advantages
-(``ratiorl.advantages``); see ``estimators.py`` for the stacking trick and the statistics.
+(``ratiorl.advantages``); see ``estimators.py`` for the stacking trick and the statistics,
+``claims.py`` for what is checked and ``summary.py`` for the report.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 import time
 from typing import Callable
 
 import torch
 
+from .claims import evaluate_claims
 from .estimators import (
     EstimatorSpec,
     estimate,
     exact_moments,
     library_advantages,
     library_loss,
-    loglog_slope,
     summarize,
 )
+from .summary import summary_markdown
 from .tabular import make_problem
 
 # ----------------------------------------------------------------------------- the estimators
@@ -55,7 +56,8 @@ SEQUENCE_REWARD_ESTIMATORS = [
     EstimatorSpec("sequence_rloo", "vanilla_is", dict(weight="sequence", shaping="none", **_SEQ), "rloo"),
     EstimatorSpec("snib_rloo", "snib", dict(weight="self_normalized", shaping="none", **_SEQ), "rloo"),
     EstimatorSpec("snib_fg", "snib_fg", dict(weight="self_normalized_fg", shaping="none", **_SEQ)),
-    # geometric_token summed over tokens has no 1/T: equals gspo (SPEC section 9, equivalence 4)
+    # geometric_token summed over tokens (no 1/T) gives the T-scaled gspo row exactly: GSPO-token
+    # has GSPO's gradient when every token carries its sequence's advantage (tutorial sec. 7.4)
     EstimatorSpec("gspo_token", "gspo_token", dict(weight="geometric_token", shaping="none", **_TOK)),
     # the presets' own clipping (still group-mean advantages and token sums, for comparability)
     EstimatorSpec("snib_clip", "snib", dict(_SEQ)),
@@ -265,7 +267,7 @@ def _run_lab(out_dir, seed, quick, loss_factory, advantages_fn, progress, plots,
             f"cumulative {ex['cumulative'].bias_norm:.1e}"
         )
 
-    claims = _claims(cfg, by_G, by_kl, by_T, pos_ratio, by_reward)
+    claims = evaluate_claims(cfg, by_G, by_kl, by_T, pos_ratio, by_reward)
 
     # ---- outputs
     csv_path = os.path.join(out_dir, "results.csv")
@@ -284,7 +286,7 @@ def _run_lab(out_dir, seed, quick, loss_factory, advantages_fn, progress, plots,
     seconds = time.perf_counter() - t_start
     summary_path = os.path.join(out_dir, "summary.md")
     with open(summary_path, "w") as f:
-        f.write(_summary_md(cfg, claims, by_G, by_kl, by_T, pos_ratio, by_reward, seconds, seed))
+        f.write(summary_markdown(cfg, claims, by_G, by_kl, by_T, pos_ratio, by_reward, seconds, seed))
     files["summary"] = summary_path
     log(f"done in {seconds:.1f}s: {sum(c['held'] for c in claims.values())}/{len(claims)} claims held -> {out_dir}")
     return dict(claims=claims, rows=rows, seconds=seconds, files=files, config=cfg)
@@ -309,206 +311,3 @@ def _write_csv(path, rows):
         w.writeheader()
         for r in rows:
             w.writerow(r)
-
-
-# ----------------------------------------------------------------------------- claims
-
-
-def _mc_vs_exact(d, st, e, G):
-    """z of the sampled mean against the exact mean (debiased squared distance over its se), and
-    the sampled variance against the exact one, in standard errors."""
-    m_exact = summarize(d.est, e.mean)  # the same statistics with the exact mean as 'truth'
-    return m_exact.bias_z, (st.variance - e.variance(G)) / max(st.variance_se, 1e-300)
-
-
-def _claims(cfg, by_G, by_kl, by_T, pos_ratio, by_reward) -> dict:
-    st = lambda G, n: by_G[G][n][1]  # noqa: E731
-    claims = {}
-    Gs = sorted(by_G)
-    fit = [G for G in Gs if 4 <= G <= 16]
-    if len(fit) >= 2:
-        ys = [st(G, "snib").bias_norm for G in fit]
-        slope, se = loglog_slope(fit, ys, [st(G, "snib").bias_norm_se for G in fit])
-        slope_all, se_all = loglog_slope(Gs, [max(st(G, "snib").bias_norm, 1e-12) for G in Gs],
-                                         [st(G, "snib").bias_norm_se for G in Gs])
-        claims["snib_bias_1_over_G"] = dict(
-            text=f"SNIB (self_normalized, group-mean baseline) bias falls like 1/G: log-log slope over "
-            f"G={fit[0]}..{fit[-1]} in [-1.4, -0.6]",
-            held=bool(-1.4 <= slope <= -0.6),
-            slope=(slope, se),
-            slope_all_G=(slope_all, se_all),
-            bias_by_G={G: (st(G, "snib").bias_norm, st(G, "snib").bias_norm_se) for G in Gs},
-        )
-    lo, hi = (4 if 4 in Gs else Gs[0]), Gs[-1]
-    for n, label in (("gspo", "GSPO geometric mean"), ("grpo", "GRPO token ratio")):
-        b_lo, b_hi = st(lo, n), st(hi, n)
-        claims[f"{n}_bias_levels_off"] = dict(
-            text=f"{label} bias levels off: at G={hi} it stays above half its G={lo} value and > 5 se above zero",
-            held=bool(b_hi.bias_norm > 0.5 * b_lo.bias_norm and b_hi.bias_z > 5),
-            bias_lo=(b_lo.bias_norm, b_lo.bias_norm_se),
-            bias_hi=(b_hi.bias_norm, b_hi.bias_norm_se),
-            z_hi=b_hi.bias_z,
-        )
-    zs = {G: st(G, "sequence_rloo").bias_z for G in Gs}
-    claims["sequence_rloo_unbiased"] = dict(
-        text="plain sequence weight with a leave-one-out baseline is unbiased: |z| < 3 at every G",
-        held=bool(all(abs(z) < 3 for z in zs.values())),
-        z_by_G=zs,
-    )
-    kls = sorted(by_kl)
-    zc = {by_kl[k][0]: by_kl[k][1]["cumulative"][1].bias_z for k in kls}
-    ec = {by_kl[k][0]: by_kl[k][2]["cumulative"].bias_norm for k in kls}
-    gnorm = max(float(by_kl[k][2]["cumulative"].mean.norm()) for k in kls)
-    claims["cumulative_unbiased"] = dict(
-        text="with exact per-token advantages (CTPO Prop. 1) the cumulative weight is unbiased at every KL: "
-        "sampled |z| < 3 and exact bias < 1e-5 |grad J| (float32 round-off)",
-        held=bool(all(abs(z) < 3 for z in zc.values()) and all(b < 1e-5 * gnorm for b in ec.values())),
-        z_by_kl=zc,
-        exact_bias_by_kl=ec,
-    )
-    zt = {by_kl[k][0]: by_kl[k][1]["token"][1].bias_z for k in kls}
-    et = {by_kl[k][0]: by_kl[k][2]["token"].bias_norm for k in kls}
-    claims["token_biased_off_policy"] = dict(
-        text="with exact per-token advantages the token weight is unbiased on-policy (|z| < 3) and biased "
-        "off-policy (z > 5 at KL >= 0.1)",
-        held=bool(all(abs(zt[k]) < 3 for k in zt if k == 0) and all(zt[k] > 5 for k in zt if k >= 0.1 - 1e-3)),
-        z_by_kl=zt,
-        exact_bias_by_kl=et,
-    )
-    ratio = {by_kl[k][0]: by_kl[k][2]["cumulative"].variance_one / by_kl[k][2]["sequence_token"].variance_one
-             for k in kls if k > 0}
-    rk = sorted(ratio)
-    claims["cumulative_lower_variance"] = dict(
-        text="exact total variance: cumulative < sequence (per-token form) at every KL > 0, the ratio falling as KL grows",
-        held=bool(all(ratio[k] < 1 for k in rk) and all(a > b for a, b in zip([ratio[k] for k in rk], [ratio[k] for k in rk[1:]]))),
-        ratio_by_kl=ratio,
-    )
-    checks = {}
-    for k in kls:
-        kl, draws, ex = by_kl[k]
-        for n in ("token", "cumulative", "sequence_token"):
-            checks[f"{n}@{kl:.2f}"] = _mc_vs_exact(*draws[n], ex[n], cfg["token_G"])
-    claims["sampling_matches_exact"] = dict(
-        text="self-check: sampled batch means agree with the exact means (|z| < 3) and sampled variances with "
-        "exact variances (within 4 se) at KL <= 0.4",
-        held=bool(all(abs(zm) < 3 for zm, _ in checks.values())
-                  and all(abs(zv) < 4 for key, (_, zv) in checks.items() if float(key.split("@")[1]) <= 0.4)),
-        z_mean_and_variance={k: f"{zm:.1f}/{zv:.1f}" for k, (zm, zv) in checks.items()},
-    )
-    Ts = sorted(by_T)
-    rT = {T: by_T[T][1]["cumulative"].variance_one / by_T[T][1]["sequence_token"].variance_one for T in Ts}
-    claims["variance_gap_grows_with_T"] = dict(
-        text=f"exact, at a fixed KL per position ({cfg['kl_per_position']}): the variance ratio cumulative/sequence "
-        "is below 1 and falls from the shortest to the longest horizon",
-        held=bool(all(r < 1 for r in rT.values()) and rT[Ts[-1]] < rT[Ts[0]]),
-        ratio_by_T=rT,
-    )
-    half = len(pos_ratio) // 2
-    claims["early_positions_gain_most"] = dict(
-        text="exact, per position (CTPO Prop. 2): the cumulative weight's term has lower variance than the "
-        "sequence weight's at every position but the last (where they are equal), and early positions gain more than late ones",
-        held=bool(all(r < 1 for r in pos_ratio[:-1]) and abs(pos_ratio[-1] - 1) < 1e-4
-                  and sum(pos_ratio[:half]) / half < sum(pos_ratio[half:]) / (len(pos_ratio) - half)),
-        ratio_by_position=pos_ratio,
-    )
-    return claims
-
-
-def _fmt(x, se=None, d=4):
-    return f"{x:.{d}f}" if se is None else f"{x:.{d}f} ± {se:.{d}f}"
-
-
-def _summary_md(cfg, claims, by_G, by_kl, by_T, pos_ratio, by_reward, seconds, seed) -> str:
-    L = []
-    L.append("# ratiorl lab: gradient estimators against the exact gradient\n")
-    L.append(
-        f"Seed {seed}, vocabulary V={cfg['V']}, runtime {seconds:.1f} s. Sampled measurements use K "
-        "independent batches of G sequences from pi_old; every ± is one Monte Carlo standard error "
-        "(`se(||b||^2)^2 = 4 b'Σb/K + 2 tr(Σ²)/K²`, delta method for ||b||). `z` is the debiased squared "
-        "bias norm over its standard error: |z| < 3 is consistent with no bias. 'exact' numbers are computed "
-        "by enumerating every sequence (no sampling error). See docs/lab.md for how to read this.\n"
-    )
-    held = sum(c["held"] for c in claims.values())
-    L.append(f"## Claims ({held}/{len(claims)} held)\n")
-    L.append("| claim | held | numbers |\n|---|---|---|")
-    for c in claims.values():
-        nums = {k: v for k, v in c.items() if k not in ("text", "held")}
-        L.append(f"| {c['text']} | {'yes' if c['held'] else '**no**'} | {_nums(nums)} |")
-    Gs = sorted(by_G)
-    L.append(f"\n## 1. Bias vs G (sequence rewards `{cfg['reward']}`, T={cfg['T']}, KL={cfg['kl']})\n")
-    L.append("Bias norm ||E[ĝ] − ∇J|| (debiased) ± se; |∇J| = "
-             f"{by_G[Gs[0]]['snib'][1].bias_norm / max(by_G[Gs[0]]['snib'][1].relative_bias, 1e-300):.4f}.\n")
-    names = list(by_G[Gs[0]].keys())
-    L.append("| estimator | " + " | ".join(f"G={G} (K={by_G[G][names[0]][1].K})" for G in Gs) + " |")
-    L.append("|---|" + "---|" * len(Gs))
-    for n in names:
-        L.append(f"| {n} | " + " | ".join(_fmt(by_G[G][n][1].bias_norm, by_G[G][n][1].bias_norm_se) for G in Gs) + " |")
-    L.append("\nTotal variance tr Cov(ĝ) of one batch estimate ± se:\n")
-    L.append("| estimator | " + " | ".join(f"G={G}" for G in Gs) + " |")
-    L.append("|---|" + "---|" * len(Gs))
-    for n in names:
-        L.append(f"| {n} | " + " | ".join(_fmt(by_G[G][n][1].variance, by_G[G][n][1].variance_se) for G in Gs) + " |")
-    L.append("\nMSE E||ĝ − ∇J||² and cosine(E[ĝ], ∇J):\n")
-    L.append("| estimator | " + " | ".join(f"G={G}" for G in Gs) + " |")
-    L.append("|---|" + "---|" * len(Gs))
-    for n in names:
-        L.append(f"| {n} | " + " | ".join(f"{by_G[G][n][1].mse:.4f} / {by_G[G][n][1].cosine:.3f}" for G in Gs) + " |")
-    G2 = cfg["token_G"]
-    L.append(f"\n## 2. Exact per-token advantages (CTPO Prop. 1), T={cfg['token_T']}, G={G2}, reward `{cfg['token_reward']}`\n")
-    L.append("| KL | estimator | exact bias | exact variance | sampled bias | z | sampled variance | cos(E ĝ, ∇J) |")
-    L.append("|---|---|---|---|---|---|---|---|")
-    for k in sorted(by_kl):
-        kl, draws, ex = by_kl[k]
-        for n, e in ex.items():
-            if n in draws:
-                s = draws[n][1]
-                samp = f"{_fmt(s.bias_norm, s.bias_norm_se)} | {s.bias_z:.1f} | {_fmt(s.variance, s.variance_se)}"
-            else:
-                samp = "– | – | –"
-            L.append(f"| {kl:.3f} | {n} | {e.bias_norm:.2e} | {e.variance(G2):.5f} | {samp} | {e.cosine:.4f} |")
-    L.append(f"\n## 3. Exact variance vs T (KL = {cfg['kl_per_position']} × T, G={G2})\n")
-    L.append("| T | KL | token | cumulative | sequence | cumulative / sequence |\n|---|---|---|---|---|---|")
-    for T in sorted(by_T):
-        kl, ex = by_T[T]
-        L.append(
-            f"| {T} | {kl:.3f} | {ex['token'].variance(G2):.5f} | {ex['cumulative'].variance(G2):.5f} | "
-            f"{ex['sequence_token'].variance(G2):.5f} | {ex['cumulative'].variance_one / ex['sequence_token'].variance_one:.3f} |"
-        )
-    L.append(f"\n## 4. Exact variance by position (T={cfg['position_T']}, KL={cfg['position_kl']})\n")
-    L.append("| position | cumulative / sequence |\n|---|---|")
-    for t, r in enumerate(pos_ratio):
-        L.append(f"| {t + 1} | {r:.3f} |")
-    L.append(f"\n## 5. Reward kinds (T={cfg['T']}, KL={cfg['kl']}, G=8)\n")
-    L.append("| reward | estimator | bias | z | variance |\n|---|---|---|---|---|")
-    for reward, (draws, ex) in by_reward.items():
-        for n, (_, s) in draws.items():
-            L.append(f"| {reward} | {n} (sampled) | {_fmt(s.bias_norm, s.bias_norm_se)} | {s.bias_z:.1f} | {_fmt(s.variance, s.variance_se)} |")
-        for n, e in ex.items():
-            L.append(f"| {reward} | {n}, exact A(s,a) (exact) | {e.bias_norm:.2e} | – | {e.variance(8):.5f} |")
-    L.append("\nPlots: `bias_vs_G.png`, `variance_vs_T.png`, `variance_by_position.png`, `token_vs_kl.png`. "
-             "Every measurement: `results.csv`.\n")
-    return "\n".join(L) + "\n"
-
-
-def _nums(d) -> str:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.append(f"{k} {{" + ", ".join(f"{_short(kk)}: {_val(vv)}" for kk, vv in v.items()) + "}")
-        elif isinstance(v, list):
-            out.append(f"{k} [" + ", ".join(_val(x) for x in v) + "]")
-        else:
-            out.append(f"{k} = {_val(v)}")
-    return "; ".join(out)
-
-
-def _short(x):
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
-def _val(v):
-    if isinstance(v, tuple):
-        return "(" + ", ".join(_val(x) for x in v) + ")" if len(v) != 2 else f"{v[0]:.4g} ± {v[1]:.2g}"
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)

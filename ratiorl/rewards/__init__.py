@@ -5,6 +5,9 @@
 [1.0, 0.0]
 >>> scorer = RewardScorer([("exact_match", 1.0), ("format", 0.1)], noise_sigma=0.0, seed=0)
 >>> rewards, metrics = scorer(["46"], prompts=["12+34="], answers=["46"])
+>>> scores = scorer.score(["46"], prompts=["12+34="], answers=["46"])
+>>> scores.per_function["format"]  # raw, unweighted
+tensor([1.])
 """
 
 from .base import Score, available_rewards, get_reward, register_reward
@@ -13,10 +16,10 @@ from . import code as _code  # noqa: F401
 from .code import extract_code
 from .sandbox import SandboxLimits, SandboxResult, run_python
 from .basic import parse_final_number
-from .scorer import RewardScorer, call_reward_safely, parse_reward_spec, weighted_sum
+from .scorer import RewardScorer, RewardScores, call_reward_safely, parse_reward_spec, weighted_sum
 
 __all__ = [
     "Score", "get_reward", "register_reward", "available_rewards", "parse_final_number",
     "extract_code", "SandboxLimits", "SandboxResult", "run_python",
-    "RewardScorer", "call_reward_safely", "parse_reward_spec", "weighted_sum",
+    "RewardScorer", "RewardScores", "call_reward_safely", "parse_reward_spec", "weighted_sum",
 ]

@@ -8,8 +8,17 @@ Extra dataset columns arrive in ``fields`` as lists aligned with ``completions``
 may return a :class:`Score` (a ``float`` with ``timed_out`` / ``error`` flags) instead of a
 plain float so that :class:`~ratiorl.rewards.RewardScorer` can count timeouts.
 
-A new reward is one factory registered with :func:`register_reward`; ``get_reward(name, **kw)``
-calls the factory with ``kw`` and returns the reward function.
+A new reward is one factory registered with :func:`register_reward`. The factory's keyword-only
+parameters are the reward's options and their defaults the defaults::
+
+    @register_reward("length_penalty")
+    def length_penalty(*, per_char: float = 0.01):
+        def length_penalty(completions, *, prompts=None, answers=None, **fields):
+            return [-per_char * len(c) for c in completions]
+        return length_penalty
+
+``get_reward(name, **kw)`` checks ``kw`` against the factory's signature, calls the factory
+with it and returns the reward function.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ REWARDS = Registry("reward")
 
 
 def register_reward(name: str):
-    """Decorator for a factory ``factory(**options) -> reward_fn``."""
+    """Decorator for a factory ``factory(*, option=default, ...) -> reward_fn``."""
     return REWARDS.register(name)
 
 
@@ -54,7 +63,7 @@ def get_reward(name: str, **kw) -> RewardFn:
     """Return the reward function ``name`` configured with ``kw``.
 
     Unknown names raise ``ValueError`` listing the valid ones; unknown options raise
-    ``TypeError`` listing the valid options.
+    ``TypeError`` listing the valid options (the factory's parameters) and the closest one.
     """
     factory = REWARDS.lookup(name)
     check_options("reward", name, factory, kw)

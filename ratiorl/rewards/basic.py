@@ -26,7 +26,7 @@ def parse_final_number(text: str) -> float | None:
 
 
 @register_reward("exact_match")
-def exact_match(strip: bool = True, case_sensitive: bool = True):
+def exact_match(*, strip: bool = True, case_sensitive: bool = True):
     """1.0 when the completion equals the answer (after ``str.strip`` by default), else 0.0."""
 
     def norm(s):
@@ -42,7 +42,7 @@ def exact_match(strip: bool = True, case_sensitive: bool = True):
 
 
 @register_reward("numeric_match")
-def numeric_match(atol: float = 1e-6, rtol: float = 0.0):
+def numeric_match(*, atol: float = 1e-6, rtol: float = 0.0):
     """1.0 when the last number in the completion is within tolerance of the answer's last number.
 
     Tolerance: ``|got - want| <= max(atol, rtol * |want|)``. A completion without a number
@@ -65,7 +65,7 @@ def numeric_match(atol: float = 1e-6, rtol: float = 0.0):
 
 
 @register_reward("format")
-def format_reward(pattern: str = r"^\s*\S+\s*$", mode: str = "fullmatch", flags: int = re.DOTALL,
+def format_reward(*, pattern: str = r"^\s*\S+\s*$", mode: str = "fullmatch", flags: int = re.DOTALL,
                   value: float = 1.0):
     """``value`` when the completion matches ``pattern`` (``mode``: fullmatch | match | search), else 0."""
     if mode not in ("fullmatch", "match", "search"):
@@ -80,7 +80,7 @@ def format_reward(pattern: str = r"^\s*\S+\s*$", mode: str = "fullmatch", flags:
 
 
 @register_reward("math_verify")
-def math_verify_reward(float_rounding: int = 6, strict: bool = True, timeout_seconds: int = 5):
+def math_verify_reward(*, float_rounding: int = 6, strict: bool = True, timeout_seconds: int = 5):
     """1.0 when ``math_verify.verify(parse(answer), parse(completion))`` holds.
 
     A bare LaTeX answer (``\\frac12``, no ``$``) is parsed as ``$\\frac12$``.

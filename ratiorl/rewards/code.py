@@ -37,7 +37,7 @@ def _as_tests(raw) -> list[str]:
 
 
 @register_reward("code_tests")
-def code_tests(tests_field: str = "tests", mode: str = "fraction", setup: str = "",
+def code_tests(*, tests_field: str = "tests", mode: str = "fraction", setup: str = "",
                timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 16,
                max_workers: int | None = None, extract: bool = True):
     """Score code completions by running tests in a sandboxed subprocess.

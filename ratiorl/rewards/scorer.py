@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import concurrent.futures
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -128,6 +129,21 @@ def weighted_sum(spec) -> Callable:
     return weighted
 
 
+@dataclass
+class RewardScores:
+    """What :meth:`RewardScorer.score` returns for a batch of B completions.
+
+    ``total``: float32 ``(B,)``, the weighted sum of the reward functions plus the noise (what
+    training uses). ``per_function``: ``{name: float32 (B,)}``, each function's raw, unweighted
+    score (0 where it failed), in spec order. ``metrics``: the scalar metrics of
+    :class:`RewardScorer` (``reward/<name>``, ``reward_mean``, ``reward_errors``, ...).
+    """
+
+    total: torch.Tensor
+    per_function: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class RewardScorer:
     """Turn completions into a reward tensor, robustly.
 
@@ -136,12 +152,15 @@ class RewardScorer:
     the weighted sum (for reward-noise robustness studies); the noise stream is reproducible
     from ``seed`` (successive calls draw successive noise).
 
-    ``scorer(completions, prompts=..., answers=..., **fields)`` returns ``(rewards, metrics)``:
-    ``rewards`` is a float32 tensor ``(B,)``; ``metrics`` has ``reward/<name>`` (mean of each
+    ``scorer.score(completions, prompts=..., answers=..., **fields)`` returns
+    :class:`RewardScores` (the total, each function's raw scores, the metrics);
+    ``scorer(completions, ...)`` returns ``(rewards, metrics)``, i.e. ``(scores.total,
+    scores.metrics)``: ``rewards`` is a float32 tensor ``(B,)``; ``metrics`` has ``reward/<name>`` (mean of each
     function's raw score), ``reward_mean`` / ``reward_std`` (of the returned rewards),
     ``reward_clean_mean`` (before noise), ``reward_errors`` and ``reward_timeouts`` (counts
     of failed samples, summed over functions). A reward function that raises or times out
     scores 0 for the affected samples; this call never raises because of a completion.
+    ``rng_state()`` / ``set_rng_state(state)`` save and restore the noise stream (checkpoints).
     """
 
     def __init__(self, spec: Sequence | str | Callable | dict, noise_sigma: float = 0.0, seed: int = 0):
@@ -157,8 +176,22 @@ class RewardScorer:
     def names(self) -> list[str]:
         return [name for name, _, _ in self.entries]
 
+    def rng_state(self) -> torch.Tensor:
+        """The state of the noise generator (a uint8 tensor), for :meth:`set_rng_state`."""
+        return self._gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state from :meth:`rng_state`: the next calls draw the same noise as then."""
+        self._gen.set_state(state)
+
     def __call__(self, completions: Sequence[str], *, prompts: Sequence[str] | None = None,
                  answers: Sequence[str] | None = None, **fields) -> tuple[torch.Tensor, dict]:
+        scores = self.score(completions, prompts=prompts, answers=answers, **fields)
+        return scores.total, scores.metrics
+
+    def score(self, completions: Sequence[str], *, prompts: Sequence[str] | None = None,
+              answers: Sequence[str] | None = None, **fields) -> RewardScores:
+        """Score a batch: the noisy weighted total, each function's raw scores and the metrics."""
         completions = [c if isinstance(c, str) else str(c) for c in completions]
         b = len(completions)
         prompts = None if prompts is None else list(prompts)
@@ -168,12 +201,14 @@ class RewardScorer:
                 raise ValueError(f"RewardScorer: {b} completions but {len(seq)} {label}")
         total = torch.zeros(b, dtype=torch.float64)
         metrics: dict[str, float] = {}
+        per_function: dict[str, torch.Tensor] = {}
         errors = timeouts = 0
         for name, fn, weight in self.entries:
             scores, problems = call_reward_safely(fn, completions, prompts, answers, fields)
             errors += sum(p == "error" for p in problems)
             timeouts += sum(p == "timeout" for p in problems)
             s = torch.tensor(scores, dtype=torch.float64)
+            per_function[name] = s.to(torch.float32)
             metrics[f"reward/{name}"] = float(s.mean()) if b else 0.0
             total += weight * s
         metrics["reward_clean_mean"] = float(total.mean()) if b else 0.0
@@ -184,7 +219,7 @@ class RewardScorer:
         metrics["reward_std"] = float(rewards.std(unbiased=False)) if b else 0.0
         metrics["reward_errors"] = int(errors)
         metrics["reward_timeouts"] = int(timeouts)
-        return rewards, metrics
+        return RewardScores(total=rewards, per_function=per_function, metrics=metrics)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"({n!r}, {w})" for n, _, w in self.entries)
@@ -192,6 +227,6 @@ class RewardScorer:
 
 
 @register_reward("weighted")
-def _weighted_factory(components=()):
+def _weighted_factory(*, components=()):
     """``get_reward("weighted", components=[("exact_match", 1.0), ("format", 0.1)])``."""
     return weighted_sum(list(components))

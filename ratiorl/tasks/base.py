@@ -8,6 +8,9 @@ A new task is one function decorated with :func:`register_task`::
     def my_task(rng, *, n_train=1000, n_eval=200, width=3):
         ...
         return dict(train=[...], eval=[...], reward="exact_match", checker=my_checker)
+
+The task's options are its keyword-only parameters (after the seeded ``rng``) and their defaults
+the defaults; ``get_task`` checks the options it is given against that signature.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ TASKS = Registry("task")
 
 
 def register_task(name: str):
-    """Decorator: register ``fn(rng, **kw) -> dict(train=..., eval=..., reward=..., checker=...)``.
+    """Decorator: register ``fn(rng, *, option=default, ...) -> dict(train=..., eval=..., reward=...,
+    checker=...)``.
 
     ``rng`` is a :class:`random.Random` seeded from the task name and the seed.
     """
@@ -74,7 +78,7 @@ def get_task(name: str, seed: int = 0, **kw) -> Task:
     """Build the registered task ``name`` deterministically from ``seed``.
 
     Unknown names raise ``ValueError`` listing the valid ones; unknown options raise
-    ``TypeError`` listing the options the task takes.
+    ``TypeError`` listing the options the task takes and the closest one.
     """
     fn = TASKS.lookup(name)
     check_options("task", name, fn, kw, skip=1)  # skip rng

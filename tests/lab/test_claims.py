@@ -12,7 +12,7 @@ import torch
 from ratiorl.lab import estimate, exact_moments, loglog_slope, make_problem, paired_variance_ratio, summarize
 from ratiorl.lab.study import SEQUENCE_REWARD_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS
 
-SPEC = {s.name: s for s in SEQUENCE_REWARD_ESTIMATORS + TOKEN_ADVANTAGE_ESTIMATORS}
+ESTIMATORS = {s.name: s for s in SEQUENCE_REWARD_ESTIMATORS + TOKEN_ADVANTAGE_ESTIMATORS}
 
 
 # ----------------------------------------------------------------------------- sequence rewards
@@ -27,7 +27,7 @@ def bias_by_G():
     for G, K in [(4, 6000), (8, 6000), (16, 6000), (64, 2000)]:
         idx = torch.multinomial(p.old_seq_probs, G * K, replacement=True, generator=gen)
         for name in ("snib", "gspo", "grpo", "sequence_rloo"):
-            stats[name, G] = summarize(estimate(p, SPEC[name], G, K, None, index=idx).est, p.grad)
+            stats[name, G] = summarize(estimate(p, ESTIMATORS[name], G, K, None, index=idx).est, p.grad)
     return stats
 
 
@@ -63,7 +63,7 @@ def per_token():
     for kl in (0.0, 0.1, 0.4):
         p = make_problem(3, 5, kl=kl, reward="structured", seed=3)
         idx = torch.multinomial(p.old_seq_probs, 8 * 4000, replacement=True, generator=gen)
-        est = {n: estimate(p, SPEC[n], 8, 4000, None, index=idx).est for n in ("token", "cumulative", "sequence_token")}
+        est = {n: estimate(p, ESTIMATORS[n], 8, 4000, None, index=idx).est for n in ("token", "cumulative", "sequence_token")}
         out[kl] = (p, est, {n: summarize(e, p.grad) for n, e in est.items()})
     return out
 
@@ -72,7 +72,7 @@ def per_token():
 def test_cumulative_weight_is_unbiased(per_token, kl):
     p, _, st = per_token[kl]
     assert abs(st["cumulative"].bias_z) < 3, st["cumulative"]
-    assert exact_moments(p, SPEC["cumulative"]).bias_norm < 1e-6 * float(p.grad.norm())
+    assert exact_moments(p, ESTIMATORS["cumulative"]).bias_norm < 1e-6 * float(p.grad.norm())
 
 
 def test_token_weight_biased_off_policy_unbiased_on_policy(per_token):
@@ -80,7 +80,7 @@ def test_token_weight_biased_off_policy_unbiased_on_policy(per_token):
     for kl in (0.1, 0.4):
         assert per_token[kl][2]["token"].bias_z > 5, per_token[kl][2]["token"]
     p = per_token[0.0][0]
-    assert exact_moments(p, SPEC["token"]).bias_norm < 1e-6 * float(p.grad.norm())
+    assert exact_moments(p, ESTIMATORS["token"]).bias_norm < 1e-6 * float(p.grad.norm())
 
 
 def test_sequence_weight_per_token_form_is_unbiased(per_token):
@@ -102,7 +102,7 @@ def test_cumulative_variance_below_sequence_exact():
     ratios = []
     for kl in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
         p = make_problem(3, 5, kl=kl, reward="structured", seed=3)
-        c, s = exact_moments(p, SPEC["cumulative"]), exact_moments(p, SPEC["sequence_token"])
+        c, s = exact_moments(p, ESTIMATORS["cumulative"]), exact_moments(p, ESTIMATORS["sequence_token"])
         ratios.append(c.variance_one / s.variance_one)
         per_pos = [a / b for a, b in zip(c.variance_by_position, s.variance_by_position)]
         assert abs(per_pos[-1] - 1) < 1e-4

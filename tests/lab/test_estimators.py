@@ -11,7 +11,7 @@ from ratiorl.lab.estimators import token_coefficients
 from ratiorl.lab.study import SEQUENCE_REWARD_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS
 from ratiorl.lab.tabular import scores_to_theta
 
-SPECS = {s.name: s for s in SEQUENCE_REWARD_ESTIMATORS + TOKEN_ADVANTAGE_ESTIMATORS}
+ESTIMATORS = {s.name: s for s in SEQUENCE_REWARD_ESTIMATORS + TOKEN_ADVANTAGE_ESTIMATORS}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def problem():
 @pytest.mark.parametrize("name", ["snib", "gspo", "grpo", "sequence_rloo", "snib_clip", "cumulative", "ctpo_clip"])
 def test_stacked_batches_equal_separate_library_calls(problem, name):
     """Each batch's row of the stacked estimate is what the library gives on that batch alone."""
-    spec = SPECS[name]
+    spec = ESTIMATORS[name]
     G, K = 4, 3
     idx = torch.multinomial(problem.old_seq_probs, G * K, replacement=True, generator=torch.Generator().manual_seed(3))
     stacked = estimate(problem, spec, G, K, None, index=idx).est
@@ -47,13 +47,13 @@ def test_token_coefficients_sign_on_policy(problem):
     """On-policy, every estimator with exact per-token advantages is sum_t A_t * score_t / G."""
     p = make_problem(3, 3, kl=0.0, reward="structured", seed=2)
     idx = torch.arange(6)
-    c = token_coefficients(p, SPECS["cumulative"], idx, 2)
+    c = token_coefficients(p, ESTIMATORS["cumulative"], idx, 2)
     torch.testing.assert_close(c, p.adv_token[idx] / 2, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["token", "cumulative", "sequence_token", "ctpo_clip"])
 def test_exact_moments_equal_dense_enumeration(problem, name):
-    spec = SPECS[name]
+    spec = ESTIMATORS[name]
     N = problem.tree.num_sequences
     f = estimate(problem, spec, 1, N, None, index=torch.arange(N)).est  # (N, D): f(y) for every y
     q = problem.old_seq_probs
@@ -68,7 +68,7 @@ def test_exact_moments_equal_dense_enumeration(problem, name):
 
 def test_exact_moments_refuse_group_coupled_estimators(problem):
     with pytest.raises(ValueError, match="sampling"):
-        exact_moments(problem, SPECS["snib"])
+        exact_moments(problem, ESTIMATORS["snib"])
 
 
 def test_summarize_on_synthetic_gaussians():

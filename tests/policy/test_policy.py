@@ -199,3 +199,18 @@ def test_errors(tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match=r"pip install 'ratiorl\[lora\]'"):
         Policy.from_pretrained(tiny_dir, lora={"r": 2})
+
+
+def test_is_peft_model(tiny_dir, monkeypatch):
+    from ratiorl.policy import is_peft_model
+
+    plain = Policy.from_pretrained(tiny_dir)
+    lora = Policy.from_pretrained(tiny_dir, lora=LORA)
+    assert not is_peft_model(plain.model) and not plain.is_lora
+    assert is_peft_model(lora.model) and lora.is_lora
+    assert not is_peft_model(lora.hf_model)  # the transformers model inside the PEFT wrapper
+    import peft
+
+    assert is_peft_model(lora.model) == isinstance(lora.model, peft.PeftModel)
+    monkeypatch.setitem(sys.modules, "peft", None)  # without peft nothing is a PEFT model
+    assert not is_peft_model(lora.model)

@@ -81,3 +81,20 @@ def test_fused_gelu_is_the_same_function(model_dir):
         torch.testing.assert_close(policy.model(ids).logits, plain.eval()(ids).logits, rtol=1e-5, atol=1e-5)
     kept = Policy.from_pretrained(model_dir, reference="none", fuse_activations=False)
     assert any(type(m) is NewGELUActivation for m in kept.model.modules())
+
+
+def test_shared_prompt_pass_is_taken_not_a_silent_fallback(model_dir):
+    from ratiorl.policy.forward import completion_hidden, completion_hidden_shared, prompt_groups
+
+    policy = Policy.from_pretrained(model_dir, reference="none")
+    engine = HFRolloutEngine(policy, policy.tokenizer)
+    b = engine.generate(["1+2=", "13+45="], 3, max_new_tokens=4, generator=torch.Generator().manual_seed(2))
+    pm, cm = b.prompt_mask.long(), b.completion_mask.long()
+    pids, cids = b.prompt_ids.masked_fill(pm == 0, 0), b.completion_ids.masked_fill(cm == 0, 0)
+    groups = prompt_groups(pids, pm)
+    assert groups is not None and groups[0].tolist() == [0, 3] and groups[1].tolist() == [0, 0, 0, 1, 1, 1]
+    with torch.no_grad():
+        shared = completion_hidden_shared(policy.hf_model, pids, pm, cids, cm, groups)
+        full = completion_hidden(policy.hf_model, pids, pm, cids, cm, None)
+    assert shared is not None  # the tiny GPT-2's cache can be shared: this path really runs
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)

@@ -88,3 +88,21 @@ def test_register_custom_reward():
         return fn
 
     assert get_reward("test_length_penalty", per_char=1.0)(["ab", ""], prompts=["p", "p"], answers=["a", "a"]) == [-2.0, -0.0]
+
+
+def test_builtin_rewards_declare_keyword_only_options_with_defaults():
+    import inspect
+
+    from ratiorl.rewards.base import REWARDS
+
+    builtins = ["exact_match", "numeric_match", "format", "math_verify", "code_tests", "weighted"]
+    for name in builtins:
+        params = inspect.signature(REWARDS[name]).parameters.values()
+        for p in params:
+            assert p.kind is p.KEYWORD_ONLY, (name, p.name)
+            assert p.default is not p.empty, (name, p.name)
+    # options are validated against the signature: a typo is caught before the factory runs
+    with pytest.raises(TypeError, match="'strp'.*did you mean 'strip'.*valid options: strip, case_sensitive"):
+        get_reward("exact_match", strp=False)
+    with pytest.raises(TypeError, match="valid options: components"):
+        get_reward("weighted", component=[])

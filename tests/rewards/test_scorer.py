@@ -127,3 +127,62 @@ def test_no_noise_by_default_and_empty_batch():
 def test_length_mismatch_is_a_caller_error():
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         RewardScorer("exact_match")(["1", "2"], prompts=["a", "b"], answers=["1"])
+
+
+def test_score_per_function_is_each_function_called_directly():
+    fmt = get_reward("format", pattern=r"\d+")
+
+    def length(completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    completions = ["46", "47", "x", " 46"]
+    scorer = RewardScorer([("exact_match", 2.0), (fmt, 0.5), (length, -0.25)])
+    scores = scorer.score(completions, **_kw(4))
+    assert list(scores.per_function) == ["exact_match", "format", "length"]
+    direct = {
+        "exact_match": get_reward("exact_match")(completions, **_kw(4)),
+        "format": fmt(completions, **_kw(4)),
+        "length": length(completions),
+    }
+    for name, values in direct.items():
+        got = scores.per_function[name]
+        assert got.dtype == torch.float32 and got.shape == (4,)
+        assert got.tolist() == pytest.approx(values)  # raw: the weights are not applied
+    expected_total = [2.0 * a + 0.5 * b - 0.25 * c for a, b, c in zip(*direct.values())]
+    assert scores.total.dtype == torch.float32 and scores.total.tolist() == pytest.approx(expected_total)
+    rewards, metrics = scorer(completions, **_kw(4))  # __call__ is (total, metrics) of score()
+    assert torch.equal(rewards, scores.total) and metrics == scores.metrics
+    assert metrics["reward/length"] == pytest.approx(sum(direct["length"]) / 4)
+
+
+def test_score_per_function_failures_are_zero_and_empty_batch():
+    def picky(completions, **kw):
+        if "boom" in completions:
+            raise RuntimeError("no")
+        return [3.0] * len(completions)
+
+    scores = RewardScorer([(picky, 2.0)]).score(["a", "boom"], **_kw(2))
+    assert scores.per_function["picky"].tolist() == [3.0, 0.0]
+    assert scores.total.tolist() == [6.0, 0.0] and scores.metrics["reward_errors"] == 1
+    empty = RewardScorer("exact_match").score([], prompts=[], answers=[])
+    assert empty.per_function["exact_match"].shape == (0,) and empty.total.shape == (0,)
+
+
+def test_rng_state_round_trip_reproduces_noise():
+    scorer = RewardScorer([(_const(1.0), 1.0)], noise_sigma=0.5, seed=3)
+    scorer(["x"] * 5, **_kw(5))  # advance the stream
+    state = scorer.rng_state()
+    saved = state.clone()
+    first = scorer.score(["x"] * 5, **_kw(5)).total
+    second = scorer.score(["x"] * 5, **_kw(5)).total
+    assert not torch.equal(first, second)
+    scorer.set_rng_state(state)
+    assert torch.equal(scorer.score(["x"] * 5, **_kw(5)).total, first)
+    assert torch.equal(scorer.score(["x"] * 5, **_kw(5)).total, second)
+    # a fresh scorer with another seed restored to the saved state draws the same noise too
+    other = RewardScorer([(_const(1.0), 1.0)], noise_sigma=0.5, seed=99)
+    other.set_rng_state(state)
+    assert torch.equal(other.score(["x"] * 5, **_kw(5)).total, first)
+    assert torch.equal(state, saved)  # a snapshot: later draws do not change it
+    expected = 1.0 + 0.5 * torch.randn(5, generator=torch.Generator().set_state(state), dtype=torch.float64)
+    assert torch.equal(first, expected.to(torch.float32))

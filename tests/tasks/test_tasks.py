@@ -115,7 +115,7 @@ def test_unknown_task_lists_valid_names():
 
 
 def test_unknown_option_is_clear():
-    with pytest.raises(TypeError, match="n_digit'.*valid options: n_digits"):
+    with pytest.raises(TypeError, match="n_digit'.*did you mean 'n_digits'.*valid options: n_digits"):
         get_task("addition", n_digit=3)
 
 
@@ -149,3 +149,20 @@ def test_registering_a_new_task_is_one_function():
 def test_check_never_raises():
     task = get_task("chain", n_train=1, n_eval=0)
     assert task.check("7", "not a number") is False
+
+
+def test_builtin_tasks_declare_keyword_only_options_with_defaults():
+    import inspect
+
+    from ratiorl.tasks.base import TASKS
+
+    for name in ("addition", "chain", "reverse"):
+        rng, *options = inspect.signature(TASKS[name]).parameters.values()
+        assert rng.name == "rng" and rng.kind is rng.POSITIONAL_OR_KEYWORD
+        assert {"n_train", "n_eval"} <= {p.name for p in options}
+        for p in options:
+            assert p.kind is p.KEYWORD_ONLY and p.default is not p.empty, (name, p.name)
+    # the defaults in the signature are the defaults used
+    assert len(get_task("reverse").train) == TASKS["reverse"].__kwdefaults__["n_train"] == 1000
+    with pytest.raises(TypeError, match="'max_length'.*valid options: min_len, max_len, n_train, n_eval"):
+        get_task("reverse", max_length=4)
