@@ -8,6 +8,12 @@
     ratiorl compare RUN_DIR... --out PNG            learning curves of several runs in one figure
     ratiorl report RUN_DIR                          markdown + HTML summary of a run
     ratiorl objectives                              the objective presets
+    ratiorl config --show [--config X] [overrides]  the full resolved config as YAML
+
+Every sub-command takes ``--plugins a,b.py``: modules or .py files imported first, so that what
+they register (weights, shapings, rewards, tasks, ...) can be named. For the commands that read a
+config (train, demo, sft, config) it sets the config's ``plugins`` key. ``python -m ratiorl``
+runs the same command line.
 
 User errors (bad config keys or values, missing files, unknown names) print one line and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -35,7 +41,7 @@ def cmd_sft(args, extra):
 
     # the `sft:` section of a config (default: the built-in defaults) plus --sft.key overrides
     overrides = [a if not a.startswith("--") or a.startswith("--sft.") else "--sft." + a[2:] for a in extra]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides + _plugin_override(args))
     out = args.out or DEFAULT_MODEL_PATH
     console = _console()
     console.print(f"SFT of the tiny model on {cfg.sft.task} for {cfg.sft.steps} steps -> {out}")
@@ -48,7 +54,7 @@ def cmd_sft(args, extra):
 def cmd_train(args, extra):
     from ratiorl.train import load_config, train  # noqa: PLC0415
 
-    cfg = load_config(args.config, extra)
+    cfg = load_config(args.config, extra + _plugin_override(args))
     summary = train(cfg, resume=args.resume, console=_console())
     print(json.dumps(summary, indent=2))
 
@@ -67,7 +73,7 @@ def cmd_eval(args, extra):
 def cmd_demo(args, extra):
     from ratiorl.train.demo import run_demo  # noqa: PLC0415
 
-    s = run_demo(args.out, config_path=args.config, overrides=extra, console=_console())
+    s = run_demo(args.out, config_path=args.config, overrides=extra + _plugin_override(args), console=_console())
     print(json.dumps(s, indent=2))
     print(f"\nheadline metric: {s['eval_metric']}")
     print(f"eval accuracy before RL (after SFT): {s['eval_accuracy_before']:.3f}")
@@ -82,9 +88,9 @@ def cmd_demo(args, extra):
 
 def cmd_lab(args, extra):
     from ratiorl.lab import run_lab  # noqa: PLC0415
-    from ratiorl.train.config import _parse_scalar, parse_overrides  # noqa: PLC0415
+    from ratiorl.train.config import parse_overrides, parse_value  # noqa: PLC0415
 
-    kw = {k: _parse_scalar(v) for k, v in parse_overrides(extra)}
+    kw = {k: parse_value(v) for k, v in parse_overrides(extra)}
     out = run_lab(args.out, seed=args.seed, quick=args.quick, **kw)
     brief = {k: v for k, v in out.items() if k not in ("rows",)}
     print(json.dumps(brief, indent=2, default=str))
@@ -110,15 +116,20 @@ def cmd_report(args, extra):
 
 def cmd_objectives(args, extra):
     import ratiorl  # noqa: PLC0415
-    from ratiorl.objectives import PRESETS  # noqa: PLC0415
+    from ratiorl.objectives import PRESETS, SHAPINGS  # noqa: PLC0415
 
+    if extra:
+        raise ValueError(f"unknown arguments for objectives: {' '.join(extra)}")
     header = ("name", "weight", "shaping", "aggregation", "advantage", "KL (beta est placement)", "source")
     rows = [header]
     for name in ratiorl.available_objectives():
         o = ratiorl.objective(name)
-        shaping = o.shaping + (f"/{o.rule}" if o.shaping == "weighted" else "")
-        if o.shaping in ("clip", "dual_clip", "weighted"):
-            shaping += f" {o.clip_low}/{o.clip_high}"
+        # what to show is read from the selected entries: a rule if the shaping uses one,
+        # the clip range if the shaping takes clip_low/clip_high
+        shaping = o.shaping + (f"/{o.rule}" if getattr(SHAPINGS.get(o.shaping), "uses_rule", False) else "")
+        opts = o.options("shaping")
+        if "clip_low" in opts and "clip_high" in opts:
+            shaping += f" {opts['clip_low']}/{opts['clip_high']}"
         kl = f"{o.beta} {o.kl_estimator} {o.kl_placement}" if o.beta > 0 else "0"
         src = getattr(PRESETS[name], "source", "") if name in PRESETS else ""
         rows.append((name, o.weight, shaping, o.aggregation, o.advantage, kl, src))
@@ -127,6 +138,18 @@ def cmd_objectives(args, extra):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def cmd_config(args, extra):
+    from ratiorl.train.config import config_to_yaml, load_config  # noqa: PLC0415
+
+    cfg = load_config(args.config, extra + _plugin_override(args))
+    print(config_to_yaml(cfg), end="")
+
+
+def _plugin_override(args) -> list:
+    """--plugins given to a command that reads a config sets the config's `plugins` key."""
+    return [f"plugins={args.plugins}"] if args.plugins is not None else []
 
 
 # ----------------------------------------------------------------------------- parser
@@ -181,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("objectives", help="print the objective presets", allow_abbrev=False)
     s.set_defaults(fn=cmd_objectives)
+
+    s = sub.add_parser("config", help="print the full resolved config (defaults <- YAML <- overrides) as YAML",
+                       allow_abbrev=False)
+    s.add_argument("--config", default=None, help="YAML config (examples/*.yaml)")
+    s.add_argument("--show", action="store_true", help="print the resolved config (the default action)")
+    s.set_defaults(fn=cmd_config)
+
+    for s in sub.choices.values():
+        s.add_argument("--plugins", default=None, metavar="A,B.py",
+                       help="modules or .py files to import first (comma-separated)")
     return p
 
 
@@ -201,6 +234,10 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     _quiet_transformers()
     try:
+        if args.plugins:
+            from ratiorl.train.config import import_plugins  # noqa: PLC0415
+
+            import_plugins(args.plugins)
         args.fn(args, extra)
     except (ValueError, FileNotFoundError) as e:
         print(f"ratiorl {args.command}: error: {e}", file=sys.stderr)

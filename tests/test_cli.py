@@ -110,3 +110,47 @@ def test_lab_passes_options_to_run_lab(tmp_path, monkeypatch, capsys):
     assert main(["lab", "--out", str(tmp_path), "--seed", "3", "--quick", "--K", "100"]) == 0
     assert seen == {"out_dir": str(tmp_path), "seed": 3, "quick": True, "K": 100}
     assert json.loads(capsys.readouterr().out)["claims"] == {}
+
+
+def test_config_show_prints_the_full_resolved_config(tmp_path, capsys):
+    import yaml
+
+    from ratiorl.train.config import TrainConfig, config_to_dict, load_config
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "snib.yaml")
+    args = ["--train.steps", "5", "--objective.clip_low=0.3", "--objective.shaping_options.pos_power", "0.7"]
+    assert main(["config", "--show", "--config", example] + args + ["--plugins", "json"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == config_to_dict(load_config(example, args + ["plugins=json"]))
+    assert set(shown) == set(config_to_dict(TrainConfig()))  # every section, defaults filled
+    assert shown["train"]["steps"] == 5 and shown["train"]["epochs"] == 1 and shown["plugins"] == ["json"]
+    assert shown["objective"]["overrides"] == {"beta": 0.1, "clip_low": 0.3}
+    assert shown["objective"]["shaping_options"] == {"pos_power": 0.7}
+    path = tmp_path / "shown.yaml"
+    path.write_text(yaml.safe_dump(shown))
+    assert load_config(str(path), []) == load_config(example, args + ["plugins=json"])  # loadable as is
+
+    assert main(["config", "--train.stesp", "5"]) == 2
+    assert "did you mean 'train.steps'?" in capsys.readouterr().err
+
+
+def test_every_command_takes_plugins(tmp_path, capsys):
+    from ratiorl.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        assert any("--plugins" in a.option_strings for a in sub._actions), name
+    assert main(["objectives", "--plugins", "json"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--plugins", "no_such_plugin_mod"]) == 2
+    assert "cannot import plugin module 'no_such_plugin_mod'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ratiorl", "config", "--train.steps", "3"],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "steps: 3" in res.stdout

@@ -1,0 +1,8 @@
+"""``python -m ratiorl ...``: the same command line as the ``ratiorl`` script."""
+
+import sys
+
+from ratiorl.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
