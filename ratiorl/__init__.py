@@ -1,6 +1,6 @@
 """ratiorl: RL post-training of language models with principled importance sampling.
 
-The objective API of ``../shared/SPEC.md`` section 9 is re-exported here::
+The objective API is re-exported here (formulas in docs/objectives.md)::
 
     import ratiorl
     obj = ratiorl.objective("snib", beta=0.1)

@@ -1,5 +1,6 @@
-"""ratiorl.rollout: generation engines behind one interface (RolloutEngine)."""
+"""ratiorl.rollout: the typed batch (``Rollout``) and generation engines behind one interface (``RolloutEngine``)."""
 
-from .engine import HFRolloutEngine, RolloutBatch, RolloutEngine, merged_state_dict
+from .batch import Rollout
+from .engine import HFRolloutEngine, RolloutEngine, merged_state_dict
 
-__all__ = ["RolloutBatch", "RolloutEngine", "HFRolloutEngine", "merged_state_dict"]
+__all__ = ["Rollout", "RolloutEngine", "HFRolloutEngine", "merged_state_dict"]

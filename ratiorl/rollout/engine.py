@@ -7,40 +7,20 @@ per-token Python overhead.
 
 The logged log-prob of a sampled token y is log softmax(logits / T)[y] over the *full*
 vocabulary, the same function ``Policy.completion_stats`` computes; top-p only changes which
-token is drawn (SPEC: the importance ratio is against the untruncated tempered policy).
+token is drawn (the importance ratio is against the untruncated tempered policy).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ratiorl.policy.policy import _is_peft, position_ids_from_mask
+from ratiorl.policy import is_peft_model, position_ids_from_mask
+from ratiorl.policy.compat import cache_kwarg, output_cache
 
-
-@dataclass
-class RolloutBatch:
-    """Completions of a batch of prompts; rows g*G .. g*G+G-1 answer prompt g."""
-
-    prompt_ids: torch.Tensor  # (B, Tp) long, left-padded
-    prompt_mask: torch.Tensor  # (B, Tp) long, 1 on real tokens
-    completion_ids: torch.Tensor  # (B, Tc) long, right-padded
-    completion_mask: torch.Tensor  # (B, Tc) long, 1 on generated tokens (EOS included)
-    old_logp: torch.Tensor  # (B, Tc) float32, log pi_old(y_t | s_t), 0 on padding
-    group_ids: torch.Tensor  # (B,) long, which prompt (group) each row answers
-    prompt_index: torch.Tensor  # (B,) long, index into the prompts list
-    completion_texts: list[str]  # decoded completions, without EOS / padding
-    truncated: torch.Tensor  # (B,) bool, True if no EOS within max_new_tokens
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
+from .batch import Rollout
 
 
 @runtime_checkable
@@ -56,7 +36,7 @@ class RolloutEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> RolloutBatch: ...
+    ) -> Rollout: ...
 
     def load_weights(self, model: nn.Module) -> None: ...
 
@@ -76,7 +56,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     For a PEFT LoRA model, W_merged = W_base + delta (delta = B A * scaling, from PEFT's own
     ``get_delta_weight``), under the original parameter names. The model is not modified.
     """
-    if not _is_peft(model):
+    if not is_peft_model(model):
         return model.state_dict()
     from peft.tuners.lora import LoraLayer
 
@@ -130,8 +110,8 @@ class HFRolloutEngine:
         src = _unwrap(model)
         if src is self.model:
             return
-        if _is_peft(self.model):
-            if not _is_peft(src):
+        if is_peft_model(self.model):
+            if not is_peft_model(src):
                 raise ValueError("the sampler is a PEFT model but the source model is not")
             sd = src.state_dict()
         else:
@@ -190,9 +170,10 @@ class HFRolloutEngine:
         except TypeError:  # a model whose forward has no logits_to_keep
             out = model(**prefill)
         if G > 1:
-            if not hasattr(out.past_key_values, "batch_repeat_interleave"):
+            cache = output_cache(out)
+            if not hasattr(cache, "batch_repeat_interleave"):
                 return None
-            out.past_key_values.batch_repeat_interleave(G)
+            cache.batch_repeat_interleave(G)
             out.logits = out.logits[:, -1:].repeat_interleave(G, 0)
         return out
 
@@ -205,7 +186,7 @@ class HFRolloutEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> RolloutBatch:
+    ) -> Rollout:
         """Sample ``num_generations`` completions per prompt.
 
         ``temperature=0`` means greedy decoding (log-probs then use temperature 1).
@@ -255,7 +236,8 @@ class HFRolloutEngine:
                 out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G)
                 if out is None:  # a cache type that cannot be expanded: prefill every row
                     out = self._prefill(model, prompt_ids, prompt_mask, 1)
-                past = out.past_key_values
+                past = output_cache(out)
+                cache_arg = cache_kwarg(model)
                 steps = 0
                 for t in range(max_new_tokens):
                     # log pi_old(. | s_t) = log_softmax(logits / T), full vocabulary, float32
@@ -275,8 +257,8 @@ class HFRolloutEngine:
                     if t + 1 == max_new_tokens or bool(finished.all()):
                         break
                     out = model(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
-                                position_ids=(next_pos + t)[:, None], past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                                position_ids=(next_pos + t)[:, None], use_cache=True, **{cache_arg: past})
+                    past = output_cache(out)
         finally:
             model.train(was_training)
         del past, out
@@ -288,14 +270,15 @@ class HFRolloutEngine:
         keep = completion_mask.bool() & ~torch.isin(completion_ids, eos)
         rows = [completion_ids[i][keep[i]].tolist() for i in range(R)]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return RolloutBatch(
+        return Rollout(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            old_logp=old_logp,
+            behaviour_logp=old_logp,
+            old_logp=old_logp,  # the sampler is pi_old unless the trainer recomputes it
             group_ids=group_ids,
-            prompt_index=group_ids.clone(),
-            completion_texts=texts,
             truncated=~finished,
+            completion_texts=texts,
+            pad_token_id=self.pad_token_id,
         )

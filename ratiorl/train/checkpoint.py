@@ -127,3 +127,57 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- trainer state
+
+
+def trainer_state(t) -> dict:
+    """Everything a resumed ``Trainer`` needs to continue with the same numbers: trainable weights,
+    optimizer and schedule, data position, sampling and reward-noise RNG streams, a lagging
+    sampler's weights, the critic, the KL controller, beta and the evaluation history."""
+    from .config import config_to_dict  # noqa: PLC0415
+
+    return {
+        "step": t.step_count,
+        "trainable": {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad},
+        "update": t.update.state_dict(),
+        "stream": t.stream.state_dict(),
+        "rng": rng_state(t.generator),
+        "scorer_rng": t.scorer.rng_state(),
+        "sampler": (None if t.engine is t.eval_engine else
+                    {k: v.clone() for k, v in t.engine.model.state_dict().items()}),
+        "critic": t.critic.state_dict() if t.critic is not None else None,
+        "kl_control": t.kl_control.state_dict(),
+        "beta": t.objective.beta,
+        "evaluation": t.evaluation.state_dict(),
+        "wall_seconds": t.wall_seconds(),
+        "config": config_to_dict(t.cfg),
+    }
+
+
+def restore_trainer(t, state: dict, path: str) -> None:
+    """The inverse of ``trainer_state`` on a freshly built trainer of the same config."""
+    named = dict(t.model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in named]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model (e.g. {missing[0]}); "
+                         "resume with the config the run was started with")
+    with torch.no_grad():
+        for n, v in state["trainable"].items():
+            named[n].copy_(v)
+    t.update.load_state_dict(state["update"])
+    t.stream.load_state_dict(state["stream"])
+    set_rng_state(state["rng"], t.generator)
+    t.scorer.set_rng_state(state["scorer_rng"])
+    if t.engine is not t.eval_engine:
+        if state["sampler"] is not None:
+            t.engine.model.load_state_dict(state["sampler"])
+        else:
+            t.engine.load_weights(t.model)
+    if t.critic is not None:
+        t.critic.load_state_dict(state["critic"])
+    t.kl_control.load_state_dict(state["kl_control"])
+    t.set_objective(t.objective.replace(beta=float(state["beta"])))
+    t.evaluation.load_state_dict(state["evaluation"])
+    t.step_count, t.wall_before = state["step"], state["wall_seconds"]

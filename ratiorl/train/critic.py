@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ratiorl.policy.policy import position_ids_from_mask
+from ratiorl.policy import position_ids_from_mask
 
 
 class ValueModel(nn.Module):
@@ -52,3 +52,34 @@ def value_loss(values, old_values, returns, mask, clip: float, num_tokens: float
         v_clip = old_values + (values - old_values).clamp(-clip, clip)
         err = torch.maximum(err, (v_clip - returns) ** 2)
     return 0.5 * (err * m).sum() / max(float(num_tokens), 1.0)
+
+
+class Critic:
+    """The critic as an extra term of the update: a ``ValueModel``, its AdamW and the clipped value
+    loss. The update stage calls ``zero_grad``, ``loss(micro_batch, num_tokens)`` and
+    ``step(max_norm)`` of every such auxiliary term; checkpoints use ``state_dict``."""
+
+    def __init__(self, model_path: str, device, critic_cfg):
+        self.cfg = critic_cfg
+        self.model = ValueModel.from_pretrained(model_path, device=device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=critic_cfg.lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def loss(self, mb, num_tokens: float) -> tuple:
+        """``value_coef`` x the clipped value loss of a micro-batch (a trimmed ``Rollout``)."""
+        values = self.model(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask)
+        vloss = value_loss(values, mb.values, mb.returns, mb.completion_mask, self.cfg.value_clip, num_tokens)
+        return self.cfg.value_coef * vloss, {"value_loss": float(vloss.detach())}
+
+    def step(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -24,7 +24,7 @@ def evaluate_engine(engine, examples: list, check, *, k: int, temperature: float
     t0 = time.perf_counter()
     b = engine.generate(prompts, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         generator=gen)
-    ok = torch.tensor([float(check(t, answers[i])) for t, i in zip(b.completion_texts, b.prompt_index.tolist())])
+    ok = torch.tensor([float(check(t, answers[i])) for t, i in zip(b.completion_texts, b.group_ids.tolist())])
     ok = ok.view(len(prompts), k)
     out = {"eval/avg@k": float(ok.mean()), "eval/pass@k": float(ok.max(1).values.mean()),
            "eval/k": float(k), "eval/temperature": float(temperature),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ratiorl.policy import Policy
-from ratiorl.rollout import HFRolloutEngine, RolloutBatch, RolloutEngine
+from ratiorl.rollout import HFRolloutEngine, Rollout, RolloutEngine
 
 PROMPTS = ["12+34=", "7+5=", "a much longer prompt: 99+1=", "x"]
 
@@ -21,13 +21,13 @@ def test_layout_masks_and_eos(eos_model_dir):
     assert isinstance(eng, RolloutEngine)
     G, max_new = 6, 8
     b = eng.generate(PROMPTS, G, max_new_tokens=max_new, generator=torch.Generator().manual_seed(0))
-    assert isinstance(b, RolloutBatch)
+    assert isinstance(b, Rollout)
     B = len(PROMPTS) * G
     assert len(b) == B and b.prompt_ids.shape[0] == B and b.completion_ids.shape[0] == B
     assert b.completion_ids.shape[1] <= max_new
-    assert b.old_logp.dtype == torch.float32 and b.old_logp.shape == b.completion_ids.shape
+    assert b.behaviour_logp.dtype == torch.float32 and b.behaviour_logp.shape == b.completion_ids.shape
     assert torch.equal(b.group_ids, torch.arange(len(PROMPTS)).repeat_interleave(G))
-    assert torch.equal(b.prompt_index, b.group_ids)
+    assert torch.equal(b.behaviour_logp, b.old_logp)  # the sampler is pi_old by default
     tok = eng.tokenizer
     eos = tok.eos_token_id
     for i in range(B):
@@ -43,7 +43,7 @@ def test_layout_masks_and_eos(eos_model_dir):
         assert bool(b.truncated[i]) == (toks[-1] != eos)
         if b.truncated[i]:
             assert n == max_new
-        assert (b.old_logp[i, n:] == 0).all() and (b.old_logp[i, :n] < 0).all()
+        assert (b.behaviour_logp[i, n:] == 0).all() and (b.behaviour_logp[i, :n] < 0).all()
         assert (b.completion_ids[i, n:] == tok.pad_token_id).all()
         body = toks[:-1] if toks[-1] == eos else toks
         assert b.completion_texts[i] == tok.decode(body, skip_special_tokens=True)
@@ -58,7 +58,7 @@ def test_old_logp_matches_policy(eos_model_dir, temperature, top_p):
     b = eng.generate(PROMPTS, 4, max_new_tokens=10, temperature=temperature, top_p=top_p,
                      generator=torch.Generator().manual_seed(int(temperature * 10)))
     s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
-    torch.testing.assert_close(s.logp.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.logp.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_through_a_lora_model(eos_model_dir):
@@ -72,8 +72,8 @@ def test_sampling_through_a_lora_model(eos_model_dir):
     assert eng.model is policy.model
     b = eng.generate(PROMPTS, 3, max_new_tokens=8, temperature=0.8, generator=torch.Generator().manual_seed(3))
     s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, with_ref_logp=True)
-    torch.testing.assert_close(s.logp.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
-    assert (s.ref_logp - b.old_logp).abs().max() > 1e-3  # the adapters were active while sampling
+    torch.testing.assert_close(s.logp.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
+    assert (s.ref_logp - b.behaviour_logp).abs().max() > 1e-3  # the adapters were active while sampling
 
 
 def test_llama_style_model(llama_dir):
@@ -81,14 +81,14 @@ def test_llama_style_model(llama_dir):
     b = eng.generate(PROMPTS, 3, max_new_tokens=7, temperature=0.9, generator=torch.Generator().manual_seed(1))
     assert b.completion_ids.shape[0] == 12
     s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
-    torch.testing.assert_close(s.logp.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.logp.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
 
 
 def test_reproducible_with_generator(eos_model_dir):
     _, eng = engine_for(eos_model_dir)
     run = lambda seed: eng.generate(PROMPTS, 4, max_new_tokens=12, generator=torch.Generator().manual_seed(seed))
     a, b, c = run(5), run(5), run(6)
-    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.old_logp, b.old_logp)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.behaviour_logp, b.behaviour_logp)
     assert a.completion_texts == b.completion_texts
     assert not (a.completion_ids.shape == c.completion_ids.shape and torch.equal(a.completion_ids, c.completion_ids))
 
@@ -101,8 +101,8 @@ def test_top_p(eos_model_dir):
     # a vanishing nucleus keeps only the most likely token: every sample is the greedy one
     assert torch.equal(tiny_p.completion_ids, greedy.completion_ids.repeat_interleave(8, 0))
     # the logged log-prob is still that of the full softmax (not 0 = log of a renormalised 1)
-    torch.testing.assert_close(tiny_p.old_logp, greedy.old_logp.repeat_interleave(8, 0))
-    assert (tiny_p.old_logp[tiny_p.completion_mask.bool()] < -1e-3).any()
+    torch.testing.assert_close(tiny_p.behaviour_logp, greedy.behaviour_logp.repeat_interleave(8, 0))
+    assert (tiny_p.behaviour_logp[tiny_p.completion_mask.bool()] < -1e-3).any()
     full = gen(top_p=1.0)
     assert len(set(full.completion_texts)) > len(PROMPTS)  # top_p = 1 samples diverse completions
     # with a moderate nucleus, every sampled token lies inside the top-p set of its state
@@ -128,7 +128,7 @@ def test_prompts_of_different_lengths_do_not_interact(eos_model_dir):
         row = 2 * k
         assert batched.completion_ids[row, :n].tolist() == alone.completion_ids[0].tolist()
         assert batched.completion_texts[row] == alone.completion_texts[0]
-        torch.testing.assert_close(batched.old_logp[row, :n], alone.old_logp[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.behaviour_logp[row, :n], alone.behaviour_logp[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True}])
@@ -145,11 +145,11 @@ def test_load_weights(eos_model_dir, lora):
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     b = eng.generate(PROMPTS, 2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     stale = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask).logp
-    assert (stale.detach() - b.old_logp).abs().max() > 1e-3
+    assert (stale.detach() - b.behaviour_logp).abs().max() > 1e-3
     eng.load_weights(policy.model)
     b = eng.generate(PROMPTS, 2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     fresh = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask).logp
-    torch.testing.assert_close(fresh.detach(), b.old_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fresh.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
     # sharing the policy's own model: load_weights is a no-op and the sampler is always current
     shared = HFRolloutEngine(policy.model, policy.tokenizer)
     before = copy.deepcopy(policy.model.state_dict())

@@ -88,16 +88,14 @@ def test_group_split_accumulation_gives_full_batch_gradient(make_config, name):
     cfg = make_config(**{"objective.name": name, "rollout.prompts_per_step": 6})
     t = Trainer(cfg)
     try:
-        roll, _ = t.collect()
-        t.compute_advantages(roll)
-        n_groups = len(roll["rewards"]) // cfg.rollout.num_generations
-        groups = list(range(n_groups))
-        N, S = float(roll["completion_mask"].sum()), float(len(roll["rewards"]))
+        batch = t.advantages(t.collector.collect(t.draw, cfg.rollout.prompts_per_step))
+        groups = batch.groups()
+        N, S = float(batch.completion_mask.sum()), float(len(batch))
 
         def grads(split_into, n_micro):
             t.optimizer.zero_grad(set_to_none=True)
             for part in torch.tensor_split(torch.tensor(groups), split_into):
-                t.backward_minibatch(roll, part.tolist(), n_micro, N, S)
+                t.update.backward(batch, part.tolist(), n_micro, N, S)
             return [p.grad.clone() for p in t.params]
 
         full = grads(1, 1)
@@ -151,15 +149,15 @@ def test_overlong_penalty_lowers_truncated_rewards(make_config):
     penal = Trainer(make_config(**{"reward.noise_sigma": 0.0, "reward.overlong_penalty": 1.0,
                                    "reward.overlong_buffer": 2}))
     try:
-        r0 = plain.rollout(plain.next_examples(4))
-        r1 = penal.rollout(penal.next_examples(4))
+        r0 = plain.draw(4)
+        r1 = penal.draw(4)
     finally:
         plain.close()
         penal.close()
-    assert torch.equal(r0["completion_ids"], r1["completion_ids"])  # same seed, same samples
-    trunc = r1["truncated"].bool()
+    assert torch.equal(r0.completion_ids, r1.completion_ids)  # same seed, same samples
+    trunc = r1.truncated.bool()
     assert trunc.any()
-    torch.testing.assert_close(r1["rewards"][trunc], r0["rewards"][trunc] - 1.0)
+    torch.testing.assert_close(r1.rewards[trunc], r0.rewards[trunc] - 1.0)
 
 
 def test_eval_and_outputs(make_config, tmp_path):
@@ -262,10 +260,10 @@ def test_kl_controllers_move_beta(make_config, controller):
     t = Trainer(cfg)
     try:
         t.step()  # the first rollout is scored by a policy equal to the reference: KL = 0
-        b1 = t.obj.beta
+        b1 = t.objective.beta
         m = t.step()
     finally:
         t.close()
-    assert m["kl"] > 0 and m["beta"] == b1 and t.obj.beta > b1  # KL above target: beta goes up
+    assert m["kl"] > 0 and m["beta"] == b1 and t.objective.beta > b1  # KL above target: beta goes up
     with pytest.raises(ValueError, match="objective.beta > 0"):
         Trainer(make_config(**{"objective.name": "bnpo", "objective.kl_controller": "adaptive"}))

@@ -1,0 +1,78 @@
+"""Stage 1, ``sample``: prompts in, a new ``Rollout`` out.
+
+Reads: nothing (it draws the next prompts of the training split from a ``PromptStream``).
+Produces: ``prompt_ids/mask``, ``completion_ids/mask``, ``behaviour_logp`` (log mu, as the sampler
+reported it), ``old_logp`` (log pi_old: the sampler's numbers, or a full forward pass of the
+sampler's weights with ``recompute_old_logp``), ``group_ids``, ``truncated``, ``completion_texts``,
+``fields`` (every dataset column of each row's example: ``prompt``, ``answer``, ...) and the
+counter ``time/rollout``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from ratiorl.rollout import Rollout
+
+
+class PromptStream:
+    """The training examples in a seeded shuffle, epoch after epoch; its position is checkpointed."""
+
+    def __init__(self, examples: list, seed: int):
+        self.examples, self.seed = examples, seed
+        self.epoch, self.pos = 0, 0
+        self._order = (None, None)
+
+    def order(self, epoch: int) -> list:
+        if self._order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(f"ratiorl.train/{self.seed}/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            order = self.order(self.epoch)
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                continue
+            out.append(self.examples[order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+class Sample:
+    """``Sample(engine, stream, rollout_cfg, generator)(n_prompts) -> Rollout``."""
+
+    def __init__(self, engine, stream: PromptStream, rollout_cfg, generator: torch.Generator, old_logp_scorer=None):
+        self.engine, self.stream, self.cfg, self.generator = engine, stream, rollout_cfg, generator
+        self.old_logp_scorer = old_logp_scorer  # a Policy over the sampler's weights, or None
+
+    def __call__(self, n_prompts: int) -> Rollout:
+        r = self.cfg
+        examples = self.stream.take(n_prompts)
+        t0 = time.perf_counter()
+        batch = self.engine.generate([e["prompt"] for e in examples], r.num_generations,
+                                     max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                     top_p=r.top_p, generator=self.generator)
+        rows = batch.group_ids.tolist()  # group g answers examples[g]
+        batch.fields = {k: [examples[i][k] for i in rows] for k in examples[0] if k != "completion"}
+        if self.old_logp_scorer is not None:
+            with torch.no_grad():
+                batch.old_logp = self.old_logp_scorer.completion_stats(
+                    batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask).logp
+        batch.counters = {"time/rollout": time.perf_counter() - t0}
+        return batch
+
+
+__all__ = ["PromptStream", "Sample"]
