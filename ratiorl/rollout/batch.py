@@ -177,6 +177,8 @@ class Rollout:
             elif per == "prompt":
                 value = pad_id if f.name == "prompt_ids" else 0
                 out[f.name] = torch.cat([_pad(v, Tp, value, left=True) for v in vals])
+            elif per == "row_or_token" and len({v.dim() for v in vals}) > 1:
+                raise ValueError(f"Rollout.concat: {f.name} is per token in some parts and per row in others")
             elif per == "token" or (per == "row_or_token" and vals[0].dim() == 2):
                 value = pad_id if f.name == "completion_ids" else 0
                 out[f.name] = torch.cat([_pad(v, Tc, value, left=False) for v in vals])
