@@ -55,6 +55,7 @@ def check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if mask.is_complex():
         raise ValueError(f"mask must be bool, integer or float (0/1), got dtype {mask.dtype}")
+    check_mask_values(mask)
     if group_ids is not None:
         if not isinstance(group_ids, torch.Tensor) or tuple(group_ids.shape) != (B,):
             got = tuple(group_ids.shape) if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
@@ -62,5 +63,23 @@ def check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl
         if group_ids.is_floating_point():
             raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
     for name, v in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
-        if v is not None and not isinstance(v, torch.Tensor) and v <= 0:
-            raise ValueError(f"{name} must be > 0 when given, got {v}")
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            v = v.item()  # one sync per call; a zero or NaN count would silently give inf/NaN losses
+        if not v > 0 or v != v or v == float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0 when given, got {v}")
+
+
+def check_mask_values(mask) -> None:
+    """A mask holds 0 and 1 only (bool, int or float): no NaN, no soft weights."""
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        raise ValueError(f"mask contains NaN at {int(torch.isnan(mask).sum())} position(s); it must hold 0/1 only")
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(f"mask must hold 0/1 only, got {int(bad.sum())} other value(s), e.g. "
+                         f"{mask[bad].flatten()[0].item()}")

@@ -19,6 +19,11 @@ parameters are the reward's options and their defaults the defaults::
 
 ``get_reward(name, **kw)`` checks ``kw`` against the factory's signature, calls the factory
 with it and returns the reward function.
+
+Capabilities are declared at registration: ``@register_reward("math_verify", isolate=True)`` runs
+each sample in a worker process that is killed when it overruns the time budget (for verifiers
+that can hang on hostile input); without it a reward runs in a thread of this process (cheap, but
+an overrunning sample can only be abandoned). See :mod:`ratiorl.rewards.isolation`.
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ class Score(float):
 REWARDS = Registry("reward")
 
 
-def register_reward(name: str):
-    """Decorator for a factory ``factory(*, option=default, ...) -> reward_fn``."""
-    return REWARDS.register(name)
+def register_reward(name: str, *, isolate: bool = False):
+    """Decorator for a factory ``factory(*, option=default, ...) -> reward_fn``.
+
+    ``isolate=True``: score each sample in a worker process with a hard kill at the time budget
+    (the factory must be importable by module and name, as a decorated module-level function is)."""
+    return REWARDS.register(name, isolate=bool(isolate))
 
 
 def available_rewards() -> list[str]:
@@ -70,6 +78,11 @@ def get_reward(name: str, **kw) -> RewardFn:
     fn = factory(**kw)
     if not getattr(fn, "__name__", None) or fn.__name__ == "<lambda>":
         fn.__name__ = name
+    try:  # what the scorer reads: the declared capability, and how a worker process rebuilds fn
+        fn.isolate = bool(getattr(factory, "isolate", False))
+        fn.rebuild = (factory, dict(kw))
+    except AttributeError:  # a callable object without a __dict__: runs in-process
+        pass
     return fn
 
 

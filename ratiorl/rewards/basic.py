@@ -79,13 +79,15 @@ def format_reward(*, pattern: str = r"^\s*\S+\s*$", mode: str = "fullmatch", fla
     return format
 
 
-@register_reward("math_verify")
+@register_reward("math_verify", isolate=True)  # hangs on hostile strings: a killable worker
 def math_verify_reward(*, float_rounding: int = 6, strict: bool = True, timeout_seconds: int = 5):
     """1.0 when ``math_verify.verify(parse(answer), parse(completion))`` holds.
 
     A bare LaTeX answer (``\\frac12``, no ``$``) is parsed as ``$\\frac12$``.
     Needs the ``math-verify`` package (``pip install 'ratiorl[math]'``). A completion that
-    cannot be parsed scores 0.
+    cannot be parsed scores 0. Declared ``isolate=True``: the scorer runs each sample in a worker
+    process killed at the per-sample budget (parsing a hostile string can take seconds or hang);
+    ``timeout_seconds`` is math-verify's own signal timeout, active in a main thread only.
     """
     try:
         from math_verify import parse, verify

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import math
 import subprocess
-import concurrent.futures
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import get_reward, register_reward
+from .base import Score, get_reward, register_reward
+from .isolation import run_in_thread, worker_pool
 
 _TIMEOUT_ERRORS = (TimeoutError, subprocess.TimeoutExpired, concurrent.futures.TimeoutError)
 
@@ -66,10 +70,18 @@ def _slice_fields(fields: dict, i: int, batch: int) -> dict:
             for k, v in fields.items()}
 
 
+def _one(completions, prompts, answers, fields, i: int) -> tuple:
+    b = len(completions)
+    return ([completions[i]], None if prompts is None else [prompts[i]],
+            None if answers is None else [answers[i]], _slice_fields(fields, i, b))
+
+
 def _clean(value) -> tuple[float, str | None]:
     """(score, problem) where problem is None, 'error' or 'timeout'."""
     if value is None:  # TRL convention: reward not applicable to this sample
         return 0.0, None
+    if isinstance(value, tuple):  # (float, timed_out, error) from a worker process
+        value = Score(value[0], timed_out=value[1], error=value[2])
     if getattr(value, "timed_out", False):
         return 0.0, "timeout"
     if getattr(value, "error", None):
@@ -81,35 +93,90 @@ def _clean(value) -> tuple[float, str | None]:
     return (x, None) if math.isfinite(x) else (0.0, "error")
 
 
-def call_reward_safely(fn: Callable, completions: list[str], prompts, answers, fields: dict
-                       ) -> tuple[list[float], list[str | None]]:
-    """Call ``fn`` on the batch; if that raises, call it per sample.
+DEFAULT_TIMEOUT = 10.0  # seconds per sample for each reward function
+REPORT_EVERY = 30.0  # seconds between two reports of the same reward and problem
+_reported: dict = {}
+_report_lock = threading.Lock()
+logger = logging.getLogger("ratiorl.rewards")
 
-    Returns the scores and, per sample, ``None`` / ``"error"`` / ``"timeout"``. Never raises
-    because of a completion; failed samples score 0.
+
+def report_problem(name: str, problem: str, completion: str, detail) -> None:
+    """A rate-limited warning naming the reward, the problem and the sample (first 200 chars)."""
+    key = (name, problem)
+    now = time.monotonic()
+    with _report_lock:
+        last, skipped = _reported.get(key, (None, 0))
+        if last is not None and now - last < REPORT_EVERY:
+            _reported[key] = (last, skipped + 1)
+            return
+        _reported[key] = (now, 0)
+    more = f" ({skipped} more since the last report)" if skipped else ""
+    what = "timed out" if problem == "timeout" else "failed"
+    logger.warning("reward %r %s on a sample, scored 0%s: %s; sample: %r", name, what, more, detail,
+                   str(completion)[:200])
+
+
+def _per_sample(fn, completions, prompts, answers, fields, timeout):
+    """Each sample alone, in a thread with its own budget: [(value, problem, detail)]."""
+    out = []
+    for i in range(len(completions)):
+        c, p, a, f = _one(completions, prompts, answers, fields, i)
+        status, value = run_in_thread(lambda: list(fn(c, prompts=p, answers=a, **f)), timeout)
+        if status == "timeout":
+            out.append((0.0, "timeout", f"over the {timeout:g} s budget"))
+        elif status == "error":
+            kind = "timeout" if isinstance(value, _TIMEOUT_ERRORS) else "error"
+            out.append((0.0, kind, f"{type(value).__name__}: {value}"))
+        elif len(value) != 1:
+            out.append((0.0, "error", f"reward returned {len(value)} values for 1 completion"))
+        else:
+            out.append((value[0], None, None))
+    return out
+
+
+def call_reward_safely(fn: Callable, completions: list[str], prompts, answers, fields: dict, *,
+                       timeout: float | None = DEFAULT_TIMEOUT, name: str | None = None
+                       ) -> tuple[list[float], list[str | None]]:
+    """Score the batch with ``fn`` under a per-sample time budget of ``timeout`` seconds.
+
+    A reward declared ``isolate=True`` runs each sample in a worker process killed at the budget;
+    any other runs the batch in a thread (deadline ``timeout x batch size``) and, if that raises
+    or overruns, each sample alone with its own budget. ``timeout=None``: no budget (the batch is
+    called in this thread). Returns the scores and, per sample, ``None`` / ``"error"`` /
+    ``"timeout"``; a failed sample scores 0 and is reported (rate-limited warning with the
+    sample). Never raises because of a completion.
     """
     b = len(completions)
-    try:
-        values = fn(completions, prompts=prompts, answers=answers, **fields)
-        values = list(values)
-        if len(values) != b:
-            raise ValueError(f"reward returned {len(values)} values for {b} completions")
-        pairs = [_clean(v) for v in values]
-    except Exception:
-        pairs = []
-        for i in range(b):
+    name = name or getattr(fn, "__name__", None) or type(fn).__name__
+    if getattr(fn, "isolate", False) and b:
+        target, options = getattr(fn, "rebuild", None) or (fn, None)
+        key = (id(target), repr(sorted((options or {}).items())))
+        samples = [_one(completions, prompts, answers, fields, i) for i in range(b)]
+        raw = worker_pool().run(key, target, options, samples, timeout)
+        triples = [(v[0], None, None) if p is None else (v, p, d) for v, p, d in raw]
+    else:
+        call = lambda: list(fn(completions, prompts=prompts, answers=answers, **fields))  # noqa: E731
+        if timeout is None:
             try:
-                one = fn([completions[i]],
-                         prompts=None if prompts is None else [prompts[i]],
-                         answers=None if answers is None else [answers[i]],
-                         **_slice_fields(fields, i, b))
-                one = list(one)
-                pairs.append(_clean(one[0]) if len(one) == 1 else (0.0, "error"))
-            except _TIMEOUT_ERRORS:
-                pairs.append((0.0, "timeout"))
-            except Exception:
-                pairs.append((0.0, "error"))
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+                status, values = "ok", call()
+            except Exception as e:
+                status, values = "error", e
+        else:
+            status, values = run_in_thread(call, timeout * max(1, b))
+        if status == "ok" and len(values) == b:
+            triples = [(v, None, None) for v in values]
+        else:
+            triples = _per_sample(fn, completions, prompts, answers, fields, timeout)
+    scores, problems = [], []
+    for i, (value, problem, detail) in enumerate(triples):
+        score, found = (0.0, problem) if problem else _clean(value)
+        if found and not problem:
+            detail = f"returned {value!r}"
+        if found:
+            report_problem(name, found, completions[i], detail)
+        scores.append(score)
+        problems.append(found)
+    return scores, problems
 
 
 def weighted_sum(spec) -> Callable:
@@ -158,13 +225,19 @@ class RewardScorer:
     scores.metrics)``: ``rewards`` is a float32 tensor ``(B,)``; ``metrics`` has ``reward/<name>`` (mean of each
     function's raw score), ``reward_mean`` / ``reward_std`` (of the returned rewards),
     ``reward_clean_mean`` (before noise), ``reward_errors`` and ``reward_timeouts`` (counts
-    of failed samples, summed over functions). A reward function that raises or times out
-    scores 0 for the affected samples; this call never raises because of a completion.
+    of failed samples, summed over functions). Every function runs under a per-sample budget of
+    ``timeout`` seconds (see :func:`call_reward_safely`); a reward function that raises or times
+    out scores 0 for the affected samples and is reported with the sample (a rate-limited warning
+    on the ``ratiorl.rewards`` logger); this call never raises because of a completion.
     ``rng_state()`` / ``set_rng_state(state)`` save and restore the noise stream (checkpoints).
     """
 
-    def __init__(self, spec: Sequence | str | Callable | dict, noise_sigma: float = 0.0, seed: int = 0):
+    def __init__(self, spec: Sequence | str | Callable | dict, noise_sigma: float = 0.0, seed: int = 0,
+                 timeout: float | None = DEFAULT_TIMEOUT):
         self.entries = parse_reward_spec(spec)
+        if timeout is not None and not (math.isfinite(float(timeout)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout}")
+        self.timeout = None if timeout is None else float(timeout)
         noise_sigma = float(noise_sigma)
         if not math.isfinite(noise_sigma) or noise_sigma < 0:
             raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma}")
@@ -204,7 +277,8 @@ class RewardScorer:
         per_function: dict[str, torch.Tensor] = {}
         errors = timeouts = 0
         for name, fn, weight in self.entries:
-            scores, problems = call_reward_safely(fn, completions, prompts, answers, fields)
+            scores, problems = call_reward_safely(fn, completions, prompts, answers, fields, timeout=self.timeout,
+                                                  name=name)
             errors += sum(p == "error" for p in problems)
             timeouts += sum(p == "timeout" for p in problems)
             s = torch.tensor(scores, dtype=torch.float64)

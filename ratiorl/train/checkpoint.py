@@ -4,12 +4,19 @@ Layout: ``run_dir/checkpoints/step_000120/`` holding whatever files the trainer 
 (``state.pt`` with optimizer, scheduler, RNG states, step and data position; ``model/`` in
 Hugging Face format). Writing goes to a hidden temporary directory next to it, every file is
 fsync'ed, and only then is the directory renamed into place with ``os.replace`` (atomic on POSIX),
-so a crash at any moment leaves either the previous set of checkpoints or the new one.
+so a crash at any moment leaves either the previous set of checkpoints or the new one. Re-saving a
+step moves the old copy aside first; a crash between the two renames is repaired on the next
+listing (the aside copy is moved back).
+
+``state.pt`` holds only tensors and plain containers (RNG states included, see :func:`rng_state`)
+and is read with ``torch.load(weights_only=True)`` (:func:`load_state`): a checkpoint cannot run
+code. A checkpoint that fails to load falls back to the previous one (:func:`load_newest_state`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -44,10 +51,31 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_ASIDE = re.compile(r"^\.old_step_(\d+)_\d+$")
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "COMPLETE"))
+
+
+def _repair(ckpt_dir: str) -> None:
+    """A crash between the two renames of a re-save leaves ``.old_step_N_<pid>`` complete and no
+    ``step_N``: move it back so the newest checkpoint is never lost."""
+    for name in os.listdir(ckpt_dir):
+        m = _ASIDE.match(name)
+        final = os.path.join(ckpt_dir, f"step_{int(m.group(1)):06d}") if m else None
+        if m and not os.path.exists(final) and _is_complete(os.path.join(ckpt_dir, name)):
+            try:
+                os.replace(os.path.join(ckpt_dir, name), final)
+            except OSError:
+                pass
+
+
 def list_checkpoints(ckpt_dir: str) -> list:
     """Complete checkpoints, oldest first, as (step, path)."""
     if not os.path.isdir(ckpt_dir):
         return []
+    _repair(ckpt_dir)
     out = []
     for name in os.listdir(ckpt_dir):
         m = _NAME.match(name)
@@ -90,20 +118,84 @@ def save_checkpoint(ckpt_dir: str, step: int, write: Callable[[str], None], keep
         raise
     for _step, path in list_checkpoints(ckpt_dir)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
-    # leftovers of a crash in the middle of an earlier save
+    # leftovers of a crash in the middle of an earlier save (an aside copy whose step exists again)
+    _repair(ckpt_dir)
     for name in os.listdir(ckpt_dir):
         if name.startswith((".tmp_step_", ".old_step_")) and not name.endswith(f"_{os.getpid()}"):
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     return final
 
 
+# ----------------------------------------------------------------------------- loading
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (corrupt, truncated, or holding pickled objects)."""
+
+    def __init__(self, message: str, unsafe: bool = False):
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
+def load_state(path: str, map_location=None) -> dict:
+    """``torch.load(<path>/state.pt, weights_only=True)``: tensors and plain containers only.
+
+    A file holding any other pickled object raises :class:`CheckpointError` with ``unsafe=True``
+    (nothing in it is executed); a missing, truncated or corrupt file raises it with
+    ``unsafe=False``."""
+    file = os.path.join(path, "state.pt")
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        detail = [line for line in msg.splitlines() if "global" in line.lower() or "Unsupported" in line]
+        if any("global" in line.lower() for line in detail):
+            raise CheckpointError(
+                f"{file} holds pickled Python objects, not only tensors and plain containers; it is not "
+                "loaded (torch.load with weights_only=True): it was written by an older version or "
+                f"altered ({detail[0].strip()})", unsafe=True) from None
+        raise CheckpointError(f"{file} cannot be read: {(detail or [type(e).__name__])[0].strip()}") from e
+    except Exception as e:  # truncated zip, missing file, bad magic number, ...
+        raise CheckpointError(f"{file} cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} is not a ratiorl trainer state")
+    return state
+
+
+def load_newest_state(ckpt_dir: str, map_location=None, warn=print, newest: Optional[str] = None) -> tuple:
+    """``(path, state)`` of the newest checkpoint (not after ``newest`` when given) that loads; a
+    checkpoint that fails to load is skipped with a warning (the previous one is tried). A checkpoint
+    holding pickled objects is an error, never skipped. Raises :class:`CheckpointError` when none
+    loads."""
+    problems = []
+    ckpts = list_checkpoints(ckpt_dir)
+    if newest is not None:
+        m = _NAME.match(os.path.basename(os.path.normpath(newest)))
+        ckpts = [(s, p) for s, p in ckpts if m and s <= int(m.group(1))] or [(0, newest)]
+    for _step, path in reversed(ckpts):
+        try:
+            return path, load_state(path, map_location)
+        except CheckpointError as e:
+            if e.unsafe:
+                raise
+            problems.append(str(e))
+            warn(f"[yellow]checkpoint {path} failed to load ({e}); trying the previous one[/]")
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} loads" + (": " + "; ".join(problems) if problems else ""))
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> dict:
+    """Python's, NumPy's, torch's (CPU, CUDA) and ``generator``'s RNG states as tensors, lists,
+    ints, floats and strings only (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss": None if gauss is None else float(gauss)},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -114,13 +206,15 @@ def rng_state(generator: Optional[torch.Generator] = None) -> dict:
 
 
 def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
     if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
 
 
 def seed_everything(seed: int) -> None:
@@ -147,6 +241,7 @@ def trainer_state(t) -> dict:
         "scorer_rng": t.scorer.rng_state(),
         "sampler": (None if t.engine is t.eval_engine else
                     {k: v.clone() for k, v in t.engine.model.state_dict().items()}),
+        "sampler_sync": t.sampler.state_dict(),  # the sampler's policy version and pending lag snapshots
         "critic": t.critic.state_dict() if t.critic is not None else None,
         "kl_control": t.kl_control.state_dict(),
         "beta": t.objective.beta,
@@ -175,6 +270,8 @@ def restore_trainer(t, state: dict, path: str) -> None:
             t.engine.model.load_state_dict(state["sampler"])
         else:
             t.engine.load_weights(t.model)
+    if "sampler_sync" in state:
+        t.sampler.load_state_dict(state["sampler_sync"])
     if t.critic is not None:
         t.critic.load_state_dict(state["critic"])
     t.kl_control.load_state_dict(state["kl_control"])

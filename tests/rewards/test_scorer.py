@@ -186,3 +186,142 @@ def test_rng_state_round_trip_reproduces_noise():
     assert torch.equal(state, saved)  # a snapshot: later draws do not change it
     expected = 1.0 + 0.5 * torch.randn(5, generator=torch.Generator().set_state(state), dtype=torch.float64)
     assert torch.equal(first, expected.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------- time budget
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from ratiorl.rewards import scorer as scorer_module  # noqa: E402
+from ratiorl.rewards.isolation import worker_pool  # noqa: E402
+
+HOSTILE_MATH = "$10^{10^{10^{10}}}$"  # math-verify works on this for minutes (seconds with its own timeout)
+
+
+def _in_thread(fn):
+    box = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+def busy_reward(completions, *, prompts=None, answers=None, **fields):
+    """Pure-Python CPU loop on "slow" (a thread cannot interrupt it); 1.0 otherwise."""
+    out = []
+    for c in completions:
+        if c == "slow":
+            while True:
+                sum(range(1000))
+        out.append(1.0)
+    return out
+
+
+busy_reward.isolate = True  # a declared capability: run in a killable worker process
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_hostile_math_string_times_out_within_budget(where):
+    pytest.importorskip("math_verify")
+    scorer = RewardScorer([("math_verify", 1.0)], timeout=1.0)
+    run = (lambda f: f()) if where == "main thread" else _in_thread
+    kw = dict(prompts=["q"] * 3, answers=["3"] * 3)
+    run(lambda: scorer.score(["$3$"] * 3, **kw))  # workers started and math-verify imported (not budgeted)
+    t0 = time.monotonic()
+    out = run(lambda: scorer.score([HOSTILE_MATH, "$3$", "the answer is $4$"], **kw))
+    elapsed = time.monotonic() - t0
+    assert out.per_function["math_verify"].tolist() == [0.0, 1.0, 0.0]
+    assert out.metrics["reward_timeouts"] == 1 and out.metrics["reward_errors"] == 0
+    assert elapsed < 1.0 + 3.0, elapsed  # the budget plus a worker's kill and replacement
+    # the pool recovered: the next batch scores normally
+    assert run(lambda: scorer.score(["$3$"], prompts=["q"], answers=["3"])).total.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_isolated_custom_reward_is_killed_at_the_budget(where):
+    scorer = RewardScorer([(busy_reward, 1.0)], timeout=0.5)
+    run = (lambda f: f()) if where == "main thread" else _in_thread
+    run(lambda: scorer.score(["ok"] * 4))
+    t0 = time.monotonic()
+    out = run(lambda: scorer.score(["slow", "ok", "slow", "ok"]))
+    assert time.monotonic() - t0 < 0.5 * 2 + 3.0  # two rounds of the budget at most, plus replacements
+    assert out.total.tolist() == [0.0, 1.0, 0.0, 1.0] and out.metrics["reward_timeouts"] == 2
+
+
+def test_in_thread_reward_overrunning_its_budget_is_abandoned():
+    def sleepy(completions, **kw):
+        out = []
+        for c in completions:
+            if c == "slow":
+                time.sleep(3.0)
+            out.append(1.0)
+        return out
+
+    scorer = RewardScorer([(sleepy, 1.0)], timeout=0.2)
+    for run in ((lambda f: f()), _in_thread):
+        t0 = time.monotonic()
+        out = run(lambda: scorer.score(["a", "slow", "b"]))
+        assert time.monotonic() - t0 < 0.2 * 3 + 0.2 * 3 + 1.0  # the batch, then each sample alone
+        assert out.total.tolist() == [1.0, 0.0, 1.0] and out.metrics["reward_timeouts"] == 1
+
+
+def test_cheap_rewards_never_start_a_process(monkeypatch):
+    monkeypatch.setattr(scorer_module, "worker_pool", lambda: pytest.fail("exact_match used a process"))
+    assert not getattr(get_reward("exact_match"), "isolate", True)
+    out = RewardScorer(["exact_match", "format"]).score(["46", "x y"], **_kw(2))
+    assert out.per_function["exact_match"].tolist() == [1.0, 0.0]
+    assert get_reward("math_verify").isolate if _has("math_verify") else True
+
+
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def test_raising_reward_is_reported_with_the_sample_rate_limited(caplog, monkeypatch):
+    monkeypatch.setattr(scorer_module, "_reported", {})
+
+    def picky(completions, **kw):
+        if any(c.startswith("boom") for c in completions):
+            raise RuntimeError("cannot score this")
+        return [1.0] * len(completions)
+
+    scorer = RewardScorer([(picky, 1.0)])
+    long_sample = "boom" + "x" * 1000
+    with caplog.at_level(logging.WARNING, logger="ratiorl.rewards"):
+        out = scorer.score(["fine", long_sample])
+        out2 = scorer.score([long_sample])  # within the rate limit: counted, not reported again
+    assert out.total.tolist() == [1.0, 0.0] and out.metrics["reward_errors"] == 1
+    assert out2.metrics["reward_errors"] == 1
+    records = [r.getMessage() for r in caplog.records if r.name == "ratiorl.rewards"]
+    assert len(records) == 1
+    assert "'picky'" in records[0] and "RuntimeError: cannot score this" in records[0]
+    assert repr(long_sample[:200]) in records[0] and long_sample[:201] not in records[0]
+
+
+def raising_reward(completions, *, prompts=None, answers=None, **fields):
+    if completions == ["boom"]:
+        raise ValueError("no verdict")
+    if completions == ["die"]:
+        os._exit(3)
+    return [1.0] * len(completions)
+
+
+raising_reward.isolate = True
+
+
+def test_isolated_reward_that_raises_or_dies_is_an_error_not_a_crash(caplog):
+    scorer = RewardScorer([(raising_reward, 1.0)], timeout=5.0)
+    with caplog.at_level(logging.WARNING, logger="ratiorl.rewards"):
+        out = scorer.score(["ok", "boom", "die", "ok"])
+    assert out.total.tolist() == [1.0, 0.0, 0.0, 1.0] and out.metrics["reward_errors"] == 2
+    assert any("ValueError: no verdict" in r.getMessage() and "'boom'" in r.getMessage() for r in caplog.records)
+    out = scorer.score(["ok"], answers=[lambda: 0])  # a field that cannot be sent to a process
+    assert out.total.tolist() == [0.0] and out.metrics["reward_errors"] == 1
+    assert worker_pool().run((1, "x"), raising_reward, None, [(["ok"], None, None, {})], 5.0)[0][1] is None
