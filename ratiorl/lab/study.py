@@ -1,6 +1,6 @@
 """The default estimator study behind ``ratiorl lab`` / ``python -m ratiorl.lab``.
 
-Five experiments, each against the exact gradient of a small enumerable policy:
+Six experiments, each against the exact gradient of a small enumerable policy:
 
 1. ``bias_vs_G``     sequence rewards, group-mean (and leave-one-out) baselines; SNIB's
                      self-normalized weight (and SNIB-fg), GSPO's geometric mean, GRPO's token
@@ -13,6 +13,7 @@ Five experiments, each against the exact gradient of a small enumerable policy:
 3. ``variance_vs_T`` the three weights, horizon sweep at a fixed KL per position (exact).
 4. ``by_position``   variance of each position's share of the estimate (CTPO Prop. 2, exact).
 5. ``rewards``       the main comparisons again for structured and sparse 0/1 rewards.
+6. ``mismatch``      a behaviour policy mu != pi_old: every mismatch level x mode (``mismatch.py``).
 
 Every estimate comes from the library's own objectives (``ratiorl.objective``) and advantages
 (``ratiorl.advantages``); see ``estimators.py`` for the stacking trick and the statistics,
@@ -37,6 +38,7 @@ from .estimators import (
     library_loss,
     summarize,
 )
+from .mismatch import MISMATCH_DEFAULTS, MISMATCH_QUICK, run_mismatch_study
 from .summary import summary_markdown
 from .tabular import make_problem
 
@@ -102,6 +104,8 @@ DEFAULTS = dict(
     rewards=("structured", "sparse"),  # experiment 5 (experiment 1 already uses ``reward``)
 )
 QUICK = dict(Gs=(4, 8, 16), K=600, kls=(0.0, 0.1, 0.4), Ts=(2, 4, 6), rewards=("sparse",))
+DEFAULTS.update(mismatch=True, **MISMATCH_DEFAULTS)  # 6. the sampler/trainer mismatch study (mismatch.py)
+QUICK.update(MISMATCH_QUICK)
 
 
 def _row(section, problem, spec, G, K, stats, seconds, **extra):
@@ -268,6 +272,11 @@ def _run_lab(out_dir, seed, quick, loss_factory, advantages_fn, progress, plots,
         )
 
     claims = evaluate_claims(cfg, by_G, by_kl, by_T, pos_ratio, by_reward)
+    mm = None
+    if cfg["mismatch"]:
+        log("6/6 sampler/trainer mismatch: behaviour mu != pi_old, every mismatch level x mode")
+        mm = run_mismatch_study(out_dir, cfg, seed=seed, log=log, plots=plots)
+        claims.update(mm["claims"])
 
     # ---- outputs
     csv_path = os.path.join(out_dir, "results.csv")
@@ -287,6 +296,9 @@ def _run_lab(out_dir, seed, quick, loss_factory, advantages_fn, progress, plots,
     summary_path = os.path.join(out_dir, "summary.md")
     with open(summary_path, "w") as f:
         f.write(summary_markdown(cfg, claims, by_G, by_kl, by_T, pos_ratio, by_reward, seconds, seed))
+        if mm is not None:
+            f.write("\n" + mm["markdown"])
+            files.update(mm["files"])
     files["summary"] = summary_path
     log(f"done in {seconds:.1f}s: {sum(c['held'] for c in claims.values())}/{len(claims)} claims held -> {out_dir}")
     return dict(claims=claims, rows=rows, seconds=seconds, files=files, config=cfg)

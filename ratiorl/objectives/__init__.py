@@ -6,7 +6,8 @@
     out.loss.backward(); out.metrics
 
 Axes are registries (``WEIGHTS``, ``SHAPINGS``, ``RULES``, ``AGGREGATIONS``, ``KL_ESTIMATORS``,
-``KL_PLACEMENTS``, ``ADVANTAGES``, ``PRESETS``); a new loss is one registered function whose
+``KL_PLACEMENTS``, ``ADVANTAGES``, ``PRESETS``, and for the sampler/trainer mismatch ``MISMATCH_LEVELS``,
+``MISMATCH_MODES``, ``PROXIMALS``); a new loss is one registered function whose
 keyword-only parameters are its options and whose ``register(...)`` keywords are its capabilities.
 """
 
@@ -15,6 +16,7 @@ from .advantages import ADVANTAGES, advantages
 from .aggregate import AGGREGATIONS
 from .core import Objective, ObjectiveDetails, ObjectiveOutput, available_objectives, objective
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, AdaptiveBeta, FixedBeta, PrimalDualBeta
+from .mismatch import MISMATCH_LEVELS, MISMATCH_MODES, PROXIMALS, ModeResult
 from .presets import PRESETS, register_preset
 from .shaping import RULES, SHAPINGS, Shaped
 from .weights import WEIGHTS, Weight
@@ -24,5 +26,5 @@ __all__ = [
     "Weight", "Shaped",
     "FixedBeta", "PrimalDualBeta", "AdaptiveBeta",
     "WEIGHTS", "SHAPINGS", "RULES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_PLACEMENTS", "ADVANTAGES",
-    "PRESETS", "register_preset", "Registry",
+    "PRESETS", "register_preset", "Registry", "MISMATCH_LEVELS", "MISMATCH_MODES", "PROXIMALS", "ModeResult",
 ]

@@ -26,6 +26,7 @@ from ._batch import BatchInfo
 from ._inputs import check_inputs, handle_nonfinite
 from ._ops import clamp_abs
 from .kl import KL_PLACEMENTS, missing_input_message
+from .mismatch import apply_correction, check_mismatch_fields, correction, resolve_old_logp
 from .options import AXES, OPTION_FIELDS, REGISTRIES, capability, check_combination, check_values, compose, selected_entries
 from .presets import PRESETS
 
@@ -51,6 +52,7 @@ class ObjectiveDetails:
     clipped_dual: Optional[torch.Tensor]
     clipped_by_token: torch.Tensor
     token_kl: Optional[torch.Tensor] = None
+    correction: Optional[torch.Tensor] = None  # applied mismatch correction pi_old/mu (mismatch.py) or None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class Objective:
     """A policy-gradient objective: one registry entry per axis, with its options.
 
     Call it as ``obj(logp, old_logp, advantages, mask, *, group_ids=None, ref_logp=None,
-    token_kl=None, num_tokens=None, num_sequences=None, return_details=False) -> ObjectiveOutput``.
+    token_kl=None, num_tokens=None, num_sequences=None, return_details=False, behaviour_logp=None,
+    behaviour_version=None, policy_version=None) -> ObjectiveOutput`` (behaviour_*: mismatch.py).
 
     ``<axis>_options`` hold the options given explicitly; the others are the defaults in the
     entry's signature. ``obj.option("clip_low")`` / ``obj.clip_low`` read a resolved option,
@@ -114,6 +117,13 @@ class Objective:
     log_ratio_clamp: float = 20.0
     nonfinite: str = "raise"
     per_position_metrics: bool = False
+    # sampler/trainer mismatch (mismatch.py; docs/objectives.md "Sampler/trainer mismatch")
+    mismatch_level: str = "none"
+    mismatch_level_options: dict = field(default_factory=dict)
+    mismatch_mode: str = "truncate"
+    mismatch_mode_options: dict = field(default_factory=dict)
+    mismatch_normalize: str = "none"
+    proximal: str = "none"
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self):
@@ -127,6 +137,7 @@ class Objective:
             opts[axis] = check_keyword_options(REGISTRIES[axis].kind, fields[axis], fn, fields[f"{axis}_options"])
             check_values(opts[axis])
         check_combination(fields, entries, placement)
+        entries["proximal"] = check_mismatch_fields(fields)
         flat = {}
         for axis in AXES:
             for k, v in opts.get(axis, {}).items():
@@ -140,6 +151,7 @@ class Objective:
             _level=entries["weight"].level, _agg_level=entries["aggregation"].level,
             _est_token_kl=bool(getattr(est, "needs_token_kl", False)),
             _est_ref_logp=bool(getattr(est, "needs_ref_logp", False)),
+            _mismatch_on=entries["mismatch_level"].level is not None,
         )
         for k, v in cache.items():
             object.__setattr__(self, k, v)
@@ -187,7 +199,25 @@ class Objective:
     @property
     def loss_needs_groups(self) -> bool:
         """The loss itself needs group ids (and whole groups per call): the weight declares it."""
-        return bool(capability(self._entries["weight"], "needs_groups", self._opts["weight"]))
+        return any(capability(self._entries[a], "needs_groups", self._opts[a]) for a in ("weight", "mismatch_level"))
+
+    @property
+    def uses_mismatch(self) -> bool:
+        """A mismatch level is selected: behaviour_logp is read and the correction applied."""
+        return self._mismatch_on
+
+    @property
+    def needs_behaviour_logp(self) -> bool:
+        return self._mismatch_on or self._entries["proximal"].needs_versions
+
+    @property
+    def needs_old_logp(self) -> bool:
+        """pi_old must differ from mu: a mismatch level is on and no proximal method builds pi_old."""
+        return self._mismatch_on and not self._entries["proximal"].needs_versions
+
+    @property
+    def needs_policy_versions(self) -> bool:
+        return bool(self._entries["proximal"].needs_versions)
 
     @property
     def needs_groups(self) -> bool:
@@ -227,7 +257,11 @@ class Objective:
 
     # ------------------------------------------------------------------ the call
     def __call__(self, logp, old_logp, advantages, mask, *, group_ids=None, ref_logp=None, token_kl=None,
-                 num_tokens=None, num_sequences=None, return_details=False) -> ObjectiveOutput:
+                 num_tokens=None, num_sequences=None, return_details=False, behaviour_logp=None,
+                 behaviour_version=None, policy_version=None) -> ObjectiveOutput:
+        mu = corr = None
+        if behaviour_logp is not None or old_logp is None or self._mismatch_on:  # mismatch.py
+            old_logp, mu = resolve_old_logp(self, logp, old_logp, behaviour_logp, behaviour_version, policy_version)
         use_kl = self.beta > 0
         if not use_kl:
             ref_logp = token_kl = None  # unused: not checked, not computed
@@ -269,6 +303,9 @@ class Objective:
             A_el = A if A.dim() == 1 else info.seq_mean(A)  # one advantage per sequence
         shaped = entries["shaping"](x, A_el, w, info, **self._shaping_kw)
         L = shaped.loss
+        if mu is not None:  # the detached correction pi_old/mu multiplies the policy-gradient term
+            corr = correction(self, old_logp, mu, info, cd)
+            L = apply_correction(L, corr)
 
         # KL: beta * estimator, placed in the loss (KL_PLACEMENTS)
         kl_tok = kl_add = kl_extra = None
@@ -284,12 +321,12 @@ class Objective:
 
         agg = entries["aggregation"]
         if self._agg_level == "token":
-            L_tok = L if self._level == "token" else L[:, None]
+            L_tok = L if self._level == "token" or L.dim() == 2 else L[:, None]
             if kl_add is not None:
                 L_tok = L_tok + kl_add
             loss = agg(L_tok, info, **opts["aggregation"])
         else:
-            if self._level == "token":
+            if self._level == "token" or L.dim() == 2:
                 L_seq = info.seq_mean(L) if L.dim() == 2 else L
             else:
                 L_seq = L * info.seq_valid  # empty / dropped responses contribute 0
@@ -299,12 +336,12 @@ class Objective:
         if kl_extra is not None:
             loss = loss + kl_extra
 
-        metrics = self._metrics(x, w, shaped, info, kl_tok, n_dropped)
-        details = self._details(x, w, shaped, info, kl_tok) if return_details else None
+        metrics = self._metrics(x, w, shaped, info, kl_tok, n_dropped, corr)
+        details = self._details(x, w, shaped, info, kl_tok, corr) if return_details else None
         return ObjectiveOutput(loss, metrics, details)
 
     @torch.no_grad()
-    def _metrics(self, x, w, shaped, info, kl_tok, n_dropped):
+    def _metrics(self, x, w, shaped, info, kl_tok, n_dropped, corr=None):
         level = self._level
         xv = x.detach()
         mb = info.mask_bool if level == "token" else info.seq_valid
@@ -329,7 +366,7 @@ class Objective:
             vals.append((kl_tok.detach() * info.mask).sum() / info.mask.sum().clamp_min(1.0))
             keys.append("kl")
         floats = {}
-        for k, v in (w.metrics or {}).items():  # the weight's own metrics
+        for k, v in {**(w.metrics or {}), **(corr.metrics if corr else {})}.items():  # weight's, mismatch
             if isinstance(v, torch.Tensor):
                 vals.append(v.detach().to(xm.dtype).reshape(()))
                 keys.append(k)
@@ -346,7 +383,7 @@ class Objective:
         return out
 
     @torch.no_grad()
-    def _details(self, x, w, shaped, info, kl_tok) -> ObjectiveDetails:
+    def _details(self, x, w, shaped, info, kl_tok, corr=None) -> ObjectiveDetails:
         xv = x.detach()
         mb = info.mask_bool if self._level == "token" else info.seq_valid
 
@@ -357,7 +394,7 @@ class Objective:
             weight=xv, log_weight=w.log_w.detach(), level=self._level, mask=info.mask,
             clipped_low=valid(shaped.clipped_low), clipped_high=valid(shaped.clipped_high),
             clipped_dual=valid(shaped.clipped_dual), clipped_by_token=_clipped_by_token(xv, shaped, self._level, info),
-            token_kl=None if kl_tok is None else kl_tok.detach())
+            token_kl=None if kl_tok is None else kl_tok.detach(), correction=None if corr is None else corr.c)
 
 
 def _clipped_by_token(xv, shaped, level, info):

@@ -12,15 +12,18 @@ from .._registry import did_you_mean, keyword_options
 from .advantages import ADVANTAGES
 from .aggregate import AGGREGATIONS
 from .kl import KL_ESTIMATORS
+from .mismatch import MISMATCH_LEVELS, MISMATCH_MODES, check_mismatch_options
 from .shaping import RULES, SHAPINGS
 from .weights import WEIGHTS
 
 # axes with options, in routing order (a flat key goes to every selected entry that declares it)
-AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "advantage")
+AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "advantage", "mismatch_level", "mismatch_mode")
 REGISTRIES = {"weight": WEIGHTS, "shaping": SHAPINGS, "rule": RULES, "aggregation": AGGREGATIONS,
-              "kl_estimator": KL_ESTIMATORS, "advantage": ADVANTAGES}
+              "kl_estimator": KL_ESTIMATORS, "advantage": ADVANTAGES,
+              "mismatch_level": MISMATCH_LEVELS, "mismatch_mode": MISMATCH_MODES}
 OPTION_FIELDS = tuple(f"{a}_options" for a in AXES)
-SCALARS = ("kl_placement", "beta", "log_ratio_clamp", "nonfinite", "per_position_metrics")
+SCALARS = ("kl_placement", "beta", "log_ratio_clamp", "nonfinite", "per_position_metrics",
+           "mismatch_normalize", "proximal")
 PLAIN_FIELDS = AXES + SCALARS  # fields set directly by objective(**kw) / replace(**kw)
 
 
@@ -100,29 +103,30 @@ def _bad(cond, msg):
 
 def check_values(o: dict) -> None:
     """Range checks keyed by option name, on the resolved options of one entry."""
+    check_mismatch_options(o)  # mismatch_low / mismatch_high / mismatch_divergence / mismatch_scope
     if "clip_low" in o:
         v = o["clip_low"]
         _bad(v is not None and not 0.0 <= v < 1.0, f"clip_low must be in [0, 1) or None, got {v}")
     if "clip_high" in o:
         v = o["clip_high"]
-        _bad(v is not None and v < 0, f"clip_high must be >= 0 or None, got {v}")
+        _bad(v is not None and not v >= 0, f"clip_high must be >= 0 or None, got {v}")
     if "dual_clip" in o:
         v = o["dual_clip"]
-        _bad(v <= 1.0, f"dual_clip must be > 1 (it caps the loss of negative-advantage tokens at -c*A), got {v}")
+        _bad(not v > 1.0, f"dual_clip must be > 1 (it caps the loss of negative-advantage tokens at -c*A), got {v}")
     if "tau_pos" in o or "tau_neg" in o:
         p, n = o.get("tau_pos", 1.0), o.get("tau_neg", 1.0)
-        _bad(p <= 0 or n <= 0, f"tau_pos and tau_neg must be > 0, got {p}, {n}")
+        _bad(not (p > 0 and n > 0), f"tau_pos and tau_neg must be > 0, got {p}, {n}")
     if "max_log_weight" in o:
-        _bad(o["max_log_weight"] <= 0, "log_ratio_clamp and max_log_weight must be > 0")
+        _bad(not o["max_log_weight"] > 0, "log_ratio_clamp and max_log_weight must be > 0")
     if "max_tokens" in o:
         v = o["max_tokens"]
-        _bad(v is not None and v <= 0, f"max_tokens must be a positive int or None, got {v}")
+        _bad(v is not None and not v > 0, f"max_tokens must be a positive int or None, got {v}")
     if "normalize_scope" in o:
         v = o["normalize_scope"]
         _bad(v not in ("group", "batch"), f"normalize_scope must be 'group' or 'batch', got {v!r}")
     if "n" in o or "m" in o:  # DGPO eq. 9-10 exponents
         n, m = o.get("n", 1.0), o.get("m", 1.0)
-        _bad(n <= 0 or m <= 0, f"dgpo needs n > 0 and m > 0, got n={n}, m={m}")
+        _bad(not (n > 0 and m > 0), f"dgpo needs n > 0 and m > 0, got n={n}, m={m}")
 
 
 def capability(fn, attr: str, options: dict, default=False):
@@ -148,9 +152,9 @@ def check_combination(fields: dict, entries: dict, placement) -> None:
         )
     if fields["nonfinite"] not in ("raise", "mask"):
         raise ValueError(f"nonfinite must be 'raise' or 'mask', got {fields['nonfinite']!r}")
-    if fields["beta"] < 0:
+    if not fields["beta"] >= 0:  # also NaN
         raise ValueError(f"beta must be >= 0, got {fields['beta']}")
-    if fields["log_ratio_clamp"] <= 0:
+    if not fields["log_ratio_clamp"] > 0:
         raise ValueError("log_ratio_clamp and max_log_weight must be > 0")
 
 
