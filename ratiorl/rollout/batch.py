@@ -42,6 +42,7 @@ class Rollout:
     behaviour_logp: torch.Tensor = _f("token")  # (B, Tc) float32: log mu(y_t|s_t) as the sampler reported it
     group_ids: torch.Tensor = _f("row")  # (B,) long: which prompt (group) each row answers
     truncated: torch.Tensor = _f("row")  # (B,) bool: no EOS within max_new_tokens
+    behaviour_version: Optional[torch.Tensor] = _f("row")  # (B,) long: optimizer updates behind the sampler's weights
     completion_texts: list = _f("list", factory=list)  # decoded completions, without EOS / padding
     pad_token_id: int = _f("batch", 0)
     # ---- old / reference log-probs

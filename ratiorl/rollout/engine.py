@@ -2,12 +2,18 @@
 
 ``HFRolloutEngine`` drives any Hugging Face causal LM with its own KV-cached sampling loop
 (one batched forward per new token for all B*G rows) instead of ``model.generate``: the loop
-does only what RL needs (temperature, top-p, stop at EOS, log-probs) and so has little
+does only what RL needs (temperature, top-k, top-p, stop at EOS, log-probs) and so has little
 per-token Python overhead.
 
-The logged log-prob of a sampled token y is log softmax(logits / T)[y] over the *full*
-vocabulary, the same function ``Policy.completion_stats`` computes; top-p only changes which
-token is drawn (the importance ratio is against the untruncated tempered policy).
+The logged log-prob of a sampled token y (``Rollout.behaviour_logp``, log mu) is the log-prob
+of the distribution the token was actually drawn from: softmax(logits / T), restricted to the
+``top_k`` most likely tokens, then to the top-p nucleus of that (renormalised) distribution, and
+renormalised again. With ``top_k=0`` and ``top_p=1`` nothing is truncated and it equals
+log softmax(logits / T)[y] over the full vocabulary, the function ``Policy.completion_stats``
+computes; with truncation it is larger than the policy's log-prob (the kept tokens share the
+dropped mass), and that difference is a real sampler/trainer mismatch the objective can correct.
+Logging the untruncated log-prob instead would silently bias every importance ratio against the
+sampler (TRL issue 6789).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class RolloutEngine(Protocol):
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         generator: torch.Generator | None = None,
     ) -> Rollout: ...
 
@@ -106,18 +113,32 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, model: nn.Module) -> None:
-        """Sampler <- policy weights. No-op when the sampler *is* the policy's model."""
+        """Sampler <- policy weights (cast to the sampler's dtypes). No-op when the sampler *is*
+        the policy's model."""
         src = _unwrap(model)
         if src is self.model:
             return
+        self.load_snapshot(self._source_state(src))
+
+    def _source_state(self, src: nn.Module) -> dict:
         if is_peft_model(self.model):
             if not is_peft_model(src):
                 raise ValueError("the sampler is a PEFT model but the source model is not")
-            sd = src.state_dict()
-        else:
-            sd = merged_state_dict(src)
+            return src.state_dict()
+        return merged_state_dict(src)
+
+    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A copy of the weights ``load_weights(model)`` would load, already in the sampler's dtypes
+        (so loading it later gives exactly what ``load_weights`` gives now)."""
+        own = self.model.state_dict()
         with torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            return {k: v.detach().to(own[k].dtype if k in own else v.dtype, copy=True)
+                    for k, v in self._source_state(_unwrap(model)).items()}
+
+    def load_snapshot(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict (from ``snapshot``, or a checkpoint) into the sampler."""
+        with torch.no_grad():
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the input embedding
         if missing or unexpected:
             raise ValueError(f"weight sync failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -146,18 +167,37 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------ sampling
     @staticmethod
-    def _sample(logp_all: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-        """Draw one token per row from softmax(logits/T), restricted to the top-p nucleus."""
-        probs = logp_all.exp()
-        if top_p >= 1.0:
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: drop token k if the mass strictly
-        # before it already reaches top_p (the most likely token is always kept).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        j = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, j).squeeze(-1)
+    def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+        """log q, the distribution a token is drawn from: ``logp_all`` (log softmax(logits / T))
+        restricted to its ``top_k`` most likely tokens (0 = all), then to the smallest prefix of
+        that renormalised distribution whose mass reaches ``top_p`` (a token is dropped when the
+        mass strictly before it already reaches ``top_p``; the most likely token is always kept),
+        renormalised; -inf outside. ``logp_all`` itself when nothing is truncated."""
+        V = logp_all.shape[-1]
+        use_k = 0 < top_k < V
+        if not use_k and top_p >= 1.0:
+            return logp_all
+        sorted_lp, order = logp_all.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_lp, dtype=torch.bool)
+        if use_k:
+            drop[..., top_k:] = True
+        if top_p < 1.0:
+            p = torch.softmax(sorted_lp.masked_fill(drop, -torch.inf), -1) if use_k else sorted_lp.exp()
+            drop |= (p.cumsum(-1) - p) >= top_p
+        kept = sorted_lp.masked_fill(drop, -torch.inf)
+        kept = kept - torch.logsumexp(kept, -1, keepdim=True)
+        return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
+
+    @staticmethod
+    def _sample(logp_all: torch.Tensor, top_k: int, top_p: float, generator) -> tuple:
+        """Draw one token per row from the truncated distribution; returns (tokens, log q of them)."""
+        logq = HFRolloutEngine.truncated_logp(logp_all, top_k, top_p)
+        if logq is logp_all:
+            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+        else:  # draw in sorted order (the same draw as an untruncated sort-and-mask sampler)
+            q_sorted, order = logq.exp().sort(dim=-1, descending=True)
+            tok = order.gather(-1, torch.multinomial(q_sorted, 1, generator=generator)).squeeze(-1)
+        return tok, logq.gather(-1, tok[:, None]).squeeze(-1)
 
     @staticmethod
     def _prefill(model, ids, mask, G: int):
@@ -185,11 +225,12 @@ class HFRolloutEngine:
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         generator: torch.Generator | None = None,
     ) -> Rollout:
-        """Sample ``num_generations`` completions per prompt.
+        """Sample ``num_generations`` completions per prompt (``top_k=0``: no top-k truncation).
 
-        ``temperature=0`` means greedy decoding (log-probs then use temperature 1).
+        ``temperature=0`` means greedy decoding (log-probs then use temperature 1, untruncated).
         """
         if num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -199,6 +240,8 @@ class HFRolloutEngine:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
         greedy = temperature == 0
         T = 1.0 if greedy else float(temperature)
 
@@ -240,13 +283,13 @@ class HFRolloutEngine:
                 cache_arg = cache_kwarg(model)
                 steps = 0
                 for t in range(max_new_tokens):
-                    # log pi_old(. | s_t) = log_softmax(logits / T), full vocabulary, float32
+                    # log softmax(logits / T) over the full vocabulary, float32
                     logp_all = torch.log_softmax(out.logits[:, -1].float() / T, dim=-1)
                     if greedy:
                         tok = logp_all.argmax(-1)
-                    else:
-                        tok = self._sample(logp_all, top_p, generator)
-                    lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+                        lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+                    else:  # lp = log mu: of the truncated, renormalised distribution drawn from
+                        tok, lp = self._sample(logp_all, top_k, top_p, generator)
                     alive = ~finished
                     tok = torch.where(alive, tok, pad)
                     tokens[:, t] = tok
@@ -265,7 +308,7 @@ class HFRolloutEngine:
 
         completion_ids = tokens[:, :steps].clone()
         completion_mask = alive_steps[:, :steps].clone()
-        old_logp = logps[:, :steps].clone()
+        behaviour_logp = logps[:, :steps].clone()
         # Text without EOS or padding: keep generated tokens that are not EOS.
         keep = completion_mask.bool() & ~torch.isin(completion_ids, eos)
         rows = [completion_ids[i][keep[i]].tolist() for i in range(R)]
@@ -275,8 +318,8 @@ class HFRolloutEngine:
             prompt_mask=prompt_mask,
             completion_ids=completion_ids,
             completion_mask=completion_mask,
-            behaviour_logp=old_logp,
-            old_logp=old_logp,  # the sampler is pi_old unless the trainer recomputes it
+            behaviour_logp=behaviour_logp,
+            old_logp=behaviour_logp,  # the sampler is pi_old unless the trainer recomputes it
             group_ids=group_ids,
             truncated=~finished,
             completion_texts=texts,

@@ -1,6 +1,8 @@
-"""HFRolloutEngine: layout, EOS handling, log-probs vs Policy, reproducibility, top-p, sync."""
+"""HFRolloutEngine: layout, EOS handling, log-probs vs Policy and vs the truncated distribution,
+reproducibility, top-k / top-p, weight sync, a bf16 sampler, snapshots."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -52,13 +54,65 @@ def test_layout_masks_and_eos(eos_model_dir):
     assert b.truncated.any() and (~b.truncated).any() and len(set(lengths.tolist())) > 2  # not vacuous
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
-def test_old_logp_matches_policy(eos_model_dir, temperature, top_p):
+def truncated_reference(policy, b, temperature, top_k, top_p):
+    """log q(y_t) of the distribution a top-k / top-p sampler draws from, position by position in
+    float64 with plain Python: the top_k most likely tokens, then the smallest prefix of their
+    renormalised distribution whose mass reaches top_p, renormalised."""
+    from tests.policy.helpers import full_logits
+
+    with torch.no_grad():
+        logits = full_logits(policy.model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    probs = torch.softmax(logits.double() / temperature, -1)
+    out = torch.zeros(b.completion_ids.shape, dtype=torch.float64)
+    for i in range(probs.shape[0]):
+        for t in range(int(b.completion_mask[i].sum())):
+            p = probs[i, t].tolist()
+            order = sorted(range(len(p)), key=lambda v: -p[v])
+            keep = order[:top_k] if top_k > 0 else order
+            z = sum(p[v] for v in keep)
+            nucleus, mass = [], 0.0
+            for v in keep:
+                if mass >= top_p:
+                    break
+                nucleus.append(v)
+                mass += p[v] / z
+            y = int(b.completion_ids[i, t])
+            assert y in nucleus, "a token outside the truncated support was sampled"
+            out[i, t] = math.log(p[y] / sum(p[v] for v in nucleus))
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.3, 0.8, 0), (1.0, 1.0, 5),
+                                                     (0.9, 0.85, 6)])
+def test_behaviour_logp_is_the_sampled_distribution(eos_model_dir, temperature, top_p, top_k):
     policy, eng = engine_for(eos_model_dir, temperature=temperature)
-    b = eng.generate(PROMPTS, 4, max_new_tokens=10, temperature=temperature, top_p=top_p,
+    b = eng.generate(PROMPTS, 4, max_new_tokens=10, temperature=temperature, top_p=top_p, top_k=top_k,
                      generator=torch.Generator().manual_seed(int(temperature * 10)))
     s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
-    torch.testing.assert_close(s.logp.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
+    mask = b.completion_mask.bool()
+    if top_p == 1.0 and top_k == 0:  # no truncation: mu is the policy's tempered distribution
+        torch.testing.assert_close(s.logp.detach(), b.behaviour_logp, rtol=1e-4, atol=1e-4)
+        return
+    ref = truncated_reference(policy, b, temperature, top_k, top_p)
+    torch.testing.assert_close(b.behaviour_logp.double(), ref, rtol=1e-4, atol=1e-4)
+    # the renormalised log-prob is above the full one wherever mass was cut: a measurable mismatch
+    gap = (b.behaviour_logp - s.logp.detach())[mask]
+    assert (gap >= -1e-4).all() and gap.max() > 1e-2
+
+
+def test_truncated_logp_edge_cases():
+    logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]]), -1)
+    assert HFRolloutEngine.truncated_logp(logp, 0, 1.0) is logp  # nothing truncated
+    assert HFRolloutEngine.truncated_logp(logp, 4, 1.0) is logp  # top_k >= vocabulary
+    one = HFRolloutEngine.truncated_logp(logp, 1, 1.0)
+    assert one[0, 0] == 0 and torch.isinf(one[0, 1:]).all()
+    two = HFRolloutEngine.truncated_logp(logp, 2, 1.0)
+    p = logp[0].exp()
+    torch.testing.assert_close(two[0, :2].exp(), p[:2] / p[:2].sum())
+    # top_p = 0.5 on the uniform row keeps two of the four tokens (mass 0.25 before the third = 0.5)
+    half = HFRolloutEngine.truncated_logp(logp, 0, 0.5)
+    assert torch.isfinite(half[1]).sum() == 2
+    torch.testing.assert_close(half[1][torch.isfinite(half[1])].exp(), torch.full((2,), 0.5))
 
 
 def test_sampling_through_a_lora_model(eos_model_dir):
@@ -100,9 +154,12 @@ def test_top_p(eos_model_dir):
     tiny_p = gen(top_p=1e-6)
     # a vanishing nucleus keeps only the most likely token: every sample is the greedy one
     assert torch.equal(tiny_p.completion_ids, greedy.completion_ids.repeat_interleave(8, 0))
-    # the logged log-prob is still that of the full softmax (not 0 = log of a renormalised 1)
-    torch.testing.assert_close(tiny_p.behaviour_logp, greedy.behaviour_logp.repeat_interleave(8, 0))
-    assert (tiny_p.behaviour_logp[tiny_p.completion_mask.bool()] < -1e-3).any()
+    # the logged log-prob is that of the distribution drawn from: one token renormalised to 1
+    assert (tiny_p.behaviour_logp == 0).all()
+    assert (greedy.behaviour_logp[greedy.completion_mask.bool()] < -1e-3).any()  # the full softmax's is not
+    top1 = gen(top_k=1)
+    assert torch.equal(top1.completion_ids, greedy.completion_ids.repeat_interleave(8, 0))
+    assert (top1.behaviour_logp == 0).all()
     full = gen(top_p=1.0)
     assert len(set(full.completion_texts)) > len(PROMPTS)  # top_p = 1 samples diverse completions
     # with a moderate nucleus, every sampled token lies inside the top-p set of its state
@@ -164,7 +221,37 @@ def test_errors(eos_model_dir):
         eng.generate(PROMPTS, 0)
     with pytest.raises(ValueError, match="top_p"):
         eng.generate(PROMPTS, 1, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        eng.generate(PROMPTS, 1, top_k=-1)
     with pytest.raises(ValueError, match="list"):
         eng.generate("12+3=", 1)
     with pytest.raises(ValueError, match="no prompts"):
         eng.generate([], 1)
+
+
+def test_bf16_sampler_is_a_measurable_mismatch(eos_model_dir):
+    """A bf16 copy of an fp32 policy samples; its log-probs differ from the policy's by rounding only."""
+    policy = Policy.from_pretrained(eos_model_dir, reference="none", temperature=0.9)
+    eng = HFRolloutEngine(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
+    b = eng.generate(PROMPTS, 4, max_new_tokens=8, temperature=0.9, generator=torch.Generator().manual_seed(0))
+    assert b.behaviour_logp.dtype == torch.float32
+    s = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    gap = (b.behaviour_logp - s.logp.detach())[b.completion_mask.bool()].abs()
+    assert gap.mean() > 1e-4 and gap.max() < 0.2
+
+
+def test_snapshot_is_a_frozen_copy_in_the_sampler_dtype(eos_model_dir):
+    policy = Policy.from_pretrained(eos_model_dir, reference="none")
+    eng = HFRolloutEngine(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
+    snap = eng.snapshot(policy.model)
+    assert all(v.dtype == torch.bfloat16 for v in snap.values() if v.is_floating_point())
+    cast_before = {k: v.to(torch.bfloat16) for k, v in policy.model.state_dict().items()}
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.1)
+    assert all(torch.equal(snap[k], cast_before[k]) for k in snap)  # later updates do not reach it
+    eng.load_snapshot(snap)
+    assert all(torch.equal(eng.model.state_dict()[k], cast_before[k]) for k in snap)
+    eng.load_weights(policy.model)  # a sync casts the new fp32 weights
+    for k, v in policy.model.state_dict().items():
+        assert torch.equal(eng.model.state_dict()[k], v.to(torch.bfloat16)), k

@@ -1,11 +1,13 @@
 """Stage 1, ``sample``: prompts in, a new ``Rollout`` out.
 
 Reads: nothing (it draws the next prompts of the training split from a ``PromptStream``).
-Produces: ``prompt_ids/mask``, ``completion_ids/mask``, ``behaviour_logp`` (log mu, as the sampler
-reported it), ``old_logp`` (log pi_old: the sampler's numbers, or a full forward pass of the
-sampler's weights with ``recompute_old_logp``), ``group_ids``, ``truncated``, ``completion_texts``,
-``fields`` (every dataset column of each row's example: ``prompt``, ``answer``, ...) and the
-counter ``time/rollout``.
+Produces: ``prompt_ids/mask``, ``completion_ids/mask``, ``behaviour_logp`` (log mu: the log-prob of
+the truncated, renormalised distribution the sampler drew each token from, in the sampler's
+precision), ``behaviour_version`` (the policy version of the sampler's weights), ``old_logp`` (log
+pi_old: ``behaviour_logp``, or a no-grad forward of the policy at the start of the step when
+``ratiorl.train.sampler.old_logp_source`` says "forward"), ``group_ids``, ``truncated``,
+``completion_texts``, ``fields`` (every dataset column of each row's example: ``prompt``,
+``answer``, ...) and the counters ``time/rollout`` (sampling) and ``time/old_logp`` (the forward, if any).
 """
 
 from __future__ import annotations
@@ -52,11 +54,18 @@ class PromptStream:
 
 
 class Sample:
-    """``Sample(engine, stream, rollout_cfg, generator)(n_prompts) -> Rollout``."""
+    """``Sample(engine, stream, rollout_cfg, generator, old_logp_scorer, version)(n_prompts) -> Rollout``.
 
-    def __init__(self, engine, stream: PromptStream, rollout_cfg, generator: torch.Generator, old_logp_scorer=None):
+    ``old_logp_scorer``: a Policy whose ``completion_stats`` gives log pi_old (the trainer's policy:
+    the sample stage runs before the step's first update), or None for ``old_logp = behaviour_logp``.
+    ``version``: a callable returning the policy version of the sampler's weights, or None.
+    """
+
+    def __init__(self, engine, stream: PromptStream, rollout_cfg, generator: torch.Generator, old_logp_scorer=None,
+                 version=None):
         self.engine, self.stream, self.cfg, self.generator = engine, stream, rollout_cfg, generator
-        self.old_logp_scorer = old_logp_scorer  # a Policy over the sampler's weights, or None
+        self.old_logp_scorer = old_logp_scorer
+        self.version = version
 
     def __call__(self, n_prompts: int) -> Rollout:
         r = self.cfg
@@ -64,14 +73,19 @@ class Sample:
         t0 = time.perf_counter()
         batch = self.engine.generate([e["prompt"] for e in examples], r.num_generations,
                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, generator=self.generator)
+                                     top_p=r.top_p, top_k=r.top_k, generator=self.generator)
         rows = batch.group_ids.tolist()  # group g answers examples[g]
         batch.fields = {k: [examples[i][k] for i in rows] for k in examples[0] if k != "completion"}
+        if self.version is not None:
+            batch.behaviour_version = torch.full((len(batch),), int(self.version()), dtype=torch.long,
+                                                 device=batch.device)
+        t1 = time.perf_counter()
+        batch.counters = {"time/rollout": t1 - t0}
         if self.old_logp_scorer is not None:
             with torch.no_grad():
                 batch.old_logp = self.old_logp_scorer.completion_stats(
                     batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask).logp
-        batch.counters = {"time/rollout": time.perf_counter() - t0}
+            batch.counters["time/old_logp"] = time.perf_counter() - t1
         return batch
 
 

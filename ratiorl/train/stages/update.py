@@ -1,12 +1,17 @@
 """Stage 4, ``update``: ``epochs`` x ``mini_batches`` optimizer updates on the batch.
 
 Reads: ids and masks, ``old_logp``, ``ref_logp``, ``advantages``, ``group_ids`` (and ``values`` /
-``returns`` through the critic's auxiliary loss).
+``returns`` through the critic's auxiliary loss); ``behaviour_logp`` when the objective declares
+``needs_behaviour_logp`` (a sampler/trainer mismatch correction), and ``behaviour_version`` with the
+step's policy version when it declares ``needs_policy_versions`` (``proximal="loglinear"``: then
+``old_logp`` is passed as None and the objective interpolates pi_old).
 Adds: ``policy_logp`` (log pi_theta of every row at its last forward, detached) and
 ``update_index`` (which update of the step that forward belonged to: the rows of the last
 update are the most off-policy, the diagnostics read them), and ``update_metrics`` (loss,
-gradient norm, the objective's metrics, entropy, KL; micro-batch values averaged with row
-weights).
+gradient norm, the objective's metrics, entropy, KL, and with ``measure_mismatch`` the measured
+gap between the sampler and pi_old: ``sampler/kl_k1``, ``sampler/kl_k3`` (token means of the k1 and
+k3 estimates of KL(mu || pi_old)) and ``sampler/abs_logp_diff``; micro-batch values averaged with
+row weights).
 
 The batch is always split ON GROUP BOUNDARIES (a self-normalised weight needs its whole group),
 each mini-batch again into ``grad_accum`` micro-batches, and every micro-batch loss uses the
@@ -33,11 +38,21 @@ def weighted_means(rows: list, weights: list) -> dict:
     return out
 
 
+def sampler_gap(behaviour_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Token means of KL(mu || pi_old) by k1 (log mu - log pi_old) and k3 (r - 1 - log r with
+    r = pi_old / mu), and of |log mu - log pi_old|, over the tokens of ``mask``."""
+    d = (old_logp - behaviour_logp).double() * mask  # log r
+    n = mask.sum().clamp(min=1)
+    return {"sampler/kl_k1": float((-d * mask).sum() / n),
+            "sampler/kl_k3": float(((d.exp() - 1 - d) * mask).sum() / n),
+            "sampler/abs_logp_diff": float((d.abs() * mask).sum() / n)}
+
+
 class Update:
     """``Update(policy, objective, optimizer, scheduler, cfg, auxiliary=[critic], after_update=sync)(batch)``."""
 
     def __init__(self, policy, objective, optimizer, scheduler, cfg, auxiliary=(), after_update=None,
-                 measure_token_kl: bool = False):
+                 measure_token_kl: bool = False, measure_mismatch: bool = False):
         self.policy, self.objective, self.optimizer, self.scheduler = policy, objective, optimizer, scheduler
         self.cfg = cfg
         self.params = policy.trainable_parameters()
@@ -45,6 +60,8 @@ class Update:
         self.after_update = after_update  # called with the update count (sampler weight sync)
         self.measure_token_kl = measure_token_kl  # full-vocabulary KL per token (exact estimator, or observed
         self.updates = 0                          # for a KL controller while beta is still 0)
+        self.measure_mismatch = measure_mismatch  # old_logp is the trainer's forward: report its gap to mu
+        self.step_version = 0  # optimizer updates before this step's first one (the version of pi_old)
 
     # ------------------------------------------------------------------ one micro-batch
     def micro_batch_loss(self, mb: Rollout, num_tokens: float, num_sequences: float) -> tuple:
@@ -53,13 +70,22 @@ class Update:
         obj = self.objective
         stats = self.policy.completion_stats(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                                              with_entropy=True, with_kl=self.measure_token_kl)
-        out = obj(stats.logp, mb.old_logp, mb.advantages, mb.completion_mask, group_ids=mb.group_ids - mb.group_ids.min(),
-                  ref_logp=mb.ref_logp, token_kl=stats.token_kl, num_tokens=num_tokens, num_sequences=num_sequences)
+        old_logp, extra = mb.old_logp, {}
+        if getattr(obj, "needs_behaviour_logp", False):
+            extra["behaviour_logp"] = mb.behaviour_logp
+        if getattr(obj, "needs_policy_versions", False):  # pi_old interpolated by the objective
+            old_logp = None
+            extra.update(behaviour_version=mb.behaviour_version, policy_version=self.step_version)
+        out = obj(stats.logp, old_logp, mb.advantages, mb.completion_mask, group_ids=mb.group_ids - mb.group_ids.min(),
+                  ref_logp=mb.ref_logp, token_kl=stats.token_kl, num_tokens=num_tokens, num_sequences=num_sequences,
+                  **extra)
         loss = out.loss
         m = mb.completion_mask.float()
         ntok = m.sum().clamp(min=1)
         metrics = {f"objective/{k}": float(v) for k, v in out.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.measure_mismatch:
+            metrics.update(sampler_gap(mb.behaviour_logp, mb.old_logp, m))
         metrics["entropy"] = float((stats.entropy.detach() * m).sum() / ntok)
         if stats.token_kl is not None:
             metrics["kl"] = float((stats.token_kl.detach() * m).sum() / ntok)
@@ -94,6 +120,7 @@ class Update:
     # ------------------------------------------------------------------ the stage
     def __call__(self, batch: Rollout) -> Rollout:
         cfg = self.cfg
+        self.step_version = self.updates
         groups = batch.groups()
         mini = [c.tolist() for c in torch.tensor_split(torch.tensor(groups), min(cfg.train.mini_batches, len(groups)))]
         mask = batch.completion_mask
@@ -150,4 +177,4 @@ class Update:
         self.updates = int(state["updates"])
 
 
-__all__ = ["Update", "weighted_means"]
+__all__ = ["Update", "sampler_gap", "weighted_means"]
