@@ -17,6 +17,8 @@ from torch import nn
 from . import models
 from .forward import position_ids_from_mask
 from .lean_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+from .loading import base_load_kwargs
+from .lora import lora_target_modules, uses_conv1d
 from .models import freeze, is_peft_model, require_peft, resolve_dtype
 from .scoring import TokenStats, completion_stats
 
@@ -93,6 +95,7 @@ class Policy:
         temperature: float = 1.0,
         dtype=None,
         device: str | torch.device = "cpu",
+        gguf_file: str | None = None,
         **kwargs,
     ) -> "Policy":
         """Load a causal LM and its tokenizer with ``AutoModelForCausalLM.from_pretrained``.
@@ -101,6 +104,9 @@ class Policy:
         "lora_alpha": 32, "target_modules": "all-linear"}``); the model is then wrapped with
         ``get_peft_model`` and only the adapters train. A folder saved by
         ``Policy.save_pretrained`` with LoRA (an adapter folder) is reloaded with its adapters.
+        ``target_modules: "auto"`` puts adapters on every linear layer of attention and MLP
+        (``ratiorl.policy.lora.lora_target_modules``). ``gguf_file`` names a GGUF file inside
+        ``name_or_path`` (dequantised on load; an adapter over a GGUF base finds it again).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,20 +117,27 @@ class Policy:
         if adapter_dir:
             peft = require_peft()
             pcfg = peft.PeftConfig.from_pretrained(name_or_path)
-            base = AutoModelForCausalLM.from_pretrained(pcfg.base_model_name_or_path, **load_kw)
+            base_kw = base_load_kwargs(pcfg.base_model_name_or_path, gguf_file)
+            base = AutoModelForCausalLM.from_pretrained(pcfg.base_model_name_or_path, **load_kw, **base_kw)
             model = peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
             base_path = pcfg.base_model_name_or_path
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kw)
+            base_kw = base_load_kwargs(name_or_path, gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **load_kw, **base_kw)
             base_path = name_or_path
             if lora is not None:
                 peft = require_peft()
                 cfg = dict(lora)
                 cfg.setdefault("task_type", "CAUSAL_LM")
+                if cfg.get("target_modules") in (None, "auto"):
+                    cfg["target_modules"] = lora_target_modules(model)
+                    cfg.setdefault("fan_in_fan_out", uses_conv1d(model, cfg["target_modules"]))
                 model = peft.get_peft_model(model, peft.LoraConfig(**cfg))
         model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        return cls(model, tokenizer, reference=reference, temperature=temperature, name_or_path=base_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({} if adapter_dir else base_kw))
+        policy = cls(model, tokenizer, reference=reference, temperature=temperature, name_or_path=base_path, **kwargs)
+        policy.base_load_kwargs = base_kw  # how the separate reference reloads the base
+        return policy
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -148,7 +161,8 @@ class Policy:
             from transformers import AutoModelForCausalLM
 
             dtype = next(self.hf_model.parameters()).dtype
-            ref = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=dtype)
+            ref = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=dtype,
+                                                       **getattr(self, "base_load_kwargs", {}))
             if self.fuse_activations:
                 models.fuse_activations(ref)  # the policy's kernels: KL is exactly 0 at the start
             self._ref_model = freeze(ref.to(self.device))

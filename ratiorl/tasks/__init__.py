@@ -6,6 +6,7 @@
 
 from .base import Example, Task, available_tasks, exact_checker, get_task, register_task, unique_splits
 from . import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
+from . import word_problems as _word_problems  # noqa: F401  (word_problems)
 from .builtin import final_answer_checker, final_integer
 from .loaders import load_hf_dataset, load_jsonl
 

@@ -13,6 +13,7 @@ newline) can read and write it.
 from __future__ import annotations
 
 import re
+import warnings
 
 from .base import register_task, unique_splits
 
@@ -35,6 +36,19 @@ def final_answer_checker(completion: str, answer: str) -> bool:
     return got is not None and got == int(str(answer).strip())
 
 
+def clamp_sizes(task: str, n_train: int, n_eval: int, space: int) -> tuple[int, int]:
+    """``(n_train, n_eval)`` that fit in ``space`` distinct prompts: when the default sizes do not
+    fit, the eval split keeps at most a fifth of the space, training gets the rest, and a warning
+    says so (``addition`` with ``n_digits: 1`` has only 100 distinct sums)."""
+    if n_train + n_eval <= space:
+        return n_train, n_eval
+    eval_ = max(1, min(n_eval, space // 5))
+    train = min(n_train, space - eval_)
+    warnings.warn(f"{task}: default n_train={n_train} + n_eval={n_eval} distinct prompts but there are only "
+                  f"{space}; using n_train={train}, n_eval={eval_}", UserWarning, stacklevel=3)
+    return train, eval_
+
+
 def _check_positive(**kw):
     for key, value in kw.items():
         if not isinstance(value, int) or value < 1:
@@ -42,10 +56,15 @@ def _check_positive(**kw):
 
 
 @register_task("addition")
-def addition(rng, *, n_digits: int = 2, n_train: int = 1000, n_eval: int = 200):
-    """``a+b=`` with ``a, b`` uniform in ``[0, 10**n_digits)``; answer is the sum."""
+def addition(rng, *, n_digits: int = 2, n_train: int | None = None, n_eval: int = 200):
+    """``a+b=`` with ``a, b`` uniform in ``[0, 10**n_digits)``; answer is the sum.
+
+    ``n_train`` defaults to 1000, fewer (with a warning) when the sums run out (``n_digits: 1``
+    has 100); sizes given explicitly that do not fit are an error."""
     _check_positive(n_digits=n_digits)
     hi = 10 ** n_digits
+    if n_train is None:
+        n_train, n_eval = clamp_sizes("addition", 1000, n_eval, hi * hi)
 
     def draw(r):
         a, b = r.randrange(hi), r.randrange(hi)

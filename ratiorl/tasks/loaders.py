@@ -1,7 +1,9 @@
 """Load prompt/answer examples from JSONL files and (optionally) Hugging Face datasets.
 
 Both loaders return a list of dicts with ``"prompt"`` and ``"answer"`` (strings) plus any
-extra fields asked for. Problems with the data raise ``ValueError`` naming the file, the line
+extra fields asked for. A prompt may also be a list of chat messages (``[{"role": "user",
+"content": "..."}]``), which is kept as it is and rendered by the trainer with the tokenizer's
+chat template (``ratiorl.train.prompts``). Problems with the data raise ``ValueError`` naming the file, the line
 (for JSONL) and the field.
 """
 
@@ -16,6 +18,12 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def is_messages(value: Any) -> bool:
+    """True for a chat prompt: a non-empty list of ``{"role": ..., "content": ...}`` dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
 def _map_record(record: Any, where: str, prompt_field: str, answer_field: str,
                 extra_field_map: dict[str, str]) -> dict[str, Any]:
     if not isinstance(record, dict):
@@ -27,7 +35,8 @@ def _map_record(record: Any, where: str, prompt_field: str, answer_field: str,
                              f"fields present: {', '.join(map(repr, record)) or 'none'}")
         if record[source] is None:
             raise ValueError(f"{where}: field {source!r} (used as {target!r}) is null")
-        out[target] = _as_text(record[source])
+        value = record[source]
+        out[target] = value if target == "prompt" and is_messages(value) else _as_text(value)
     for target, source in extra_field_map.items():
         if source not in record:
             raise ValueError(f"{where}: missing field {source!r} (used as {target!r})")

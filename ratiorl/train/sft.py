@@ -5,6 +5,8 @@
 
 Loss is the mean token NLL of ``completion + EOS`` given the prompt (prompt tokens are not
 trained). Built-in tasks carry a ``"completion"`` field; otherwise ``"answer"`` is the target.
+Prompts go through ``ratiorl.train.prompts.render_task`` first (the chat template when the
+tokenizer has one, ``sft.chat_template`` / ``sft.system_prompt``), as in RL and evaluation.
 This is what ``ratiorl sft`` runs to make the default model of the examples.
 """
 
@@ -41,6 +43,9 @@ class SFTConfig:
     threads: Optional[int] = 1
     # keyword arguments of make_tiny_model
     model_sizes: dict = field(default_factory=lambda: {"n_layer": 2, "n_head": 4, "n_embd": 64})
+    # prompts through the tokenizer's chat template as in training (auto: when it has one)
+    chat_template: str = "auto"
+    system_prompt: Optional[str] = None
 
 
 def _encode(tok, text: str) -> list:
@@ -126,6 +131,9 @@ def run_sft(out_dir: str, cfg: Optional[SFTConfig] = None, progress=None) -> dic
     cfg = cfg or SFTConfig()
     task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     model, tok = make_tiny_model(seed=cfg.seed, **cfg.model_sizes)
+    from .prompts import render_task  # noqa: PLC0415
+
+    task = render_task(task, tok, cfg)  # the prompt text the RL run will show the model
     checks: list = []
     stop = None
     if cfg.target_accuracy is not None:
