@@ -1,8 +1,8 @@
 """`ratiorl` command line: a thin layer over ratiorl.train, ratiorl.lab and ratiorl.report.
 
     ratiorl sft [--out DIR]                         tiny default model, warm-started on addition
-    ratiorl train --config examples/snib.yaml [--objective.beta 0.05 ...] [--resume]
-    ratiorl eval --model DIR --task addition [--k 4]
+    ratiorl train --config examples/snib.yaml [--objective.beta 0.05 ...] [--resume | --overwrite]
+    ratiorl eval --model RUN_OR_MODEL [--config CFG] [--task jsonl --task.path F] [--eval.k 8 ...]
     ratiorl demo [--out DIR]                        SFT then RL with snib; accuracy before/after
     ratiorl lab [--out DIR]                         exact-gradient estimator study
     ratiorl compare RUN_DIR... --out PNG            learning curves of several runs in one figure
@@ -55,18 +55,19 @@ def cmd_train(args, extra):
     from ratiorl.train import load_config, train  # noqa: PLC0415
 
     cfg = load_config(args.config, extra + _plugin_override(args))
-    summary = train(cfg, resume=args.resume, console=_console())
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, console=_console())
     print(json.dumps(summary, indent=2))
 
 
 def cmd_eval(args, extra):
-    from ratiorl.train.evaluate import evaluate_model  # noqa: PLC0415
+    from ratiorl.train.evaluate import evaluate_run  # noqa: PLC0415
 
-    if extra:
-        raise ValueError(f"unknown arguments for eval: {' '.join(extra)}")
-    out = evaluate_model(args.model, args.task, k=args.k, num_prompts=args.num_prompts,
-                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                         device=args.device)
+    # the short flags are config keys; anything else (--task.options.n_digits 1, --eval.reward x) too
+    short = {"task": "task.name", "k": "eval.k", "num_prompts": "eval.num_prompts", "temperature": "eval.temperature",
+             "max_new_tokens": "rollout.max_new_tokens", "seed": "seed", "device": "model.device"}
+    overrides = [f"--{key}={getattr(args, a)}" for a, key in short.items() if getattr(args, a) is not None]
+    out = evaluate_run(args.model, args.config, overrides + extra + _plugin_override(args), out_dir=args.out,
+                       console=_console())
     print(json.dumps(out, indent=2))
 
 
@@ -168,17 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="RL training from a YAML config plus --section.key value overrides", allow_abbrev=False)
     s.add_argument("--config", default=None, help="YAML config (examples/*.yaml)")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    s.add_argument("--overwrite", action="store_true",
+                   help="out_dir holds a run: move it aside to <out_dir>.old-<timestamp> and start fresh")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="avg@k / pass@k / greedy accuracy of a saved model", allow_abbrev=False)
-    s.add_argument("--model", required=True)
-    s.add_argument("--task", default="addition")
-    s.add_argument("--k", type=int, default=4)
-    s.add_argument("--num-prompts", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--model", required=True, help="a run folder (its model/ and config.yaml), a model folder, "
+                   "a LoRA adapter folder, pkg:<package> or a hub name")
+    s.add_argument("--config", default=None, help="YAML config whose task/reward/eval to use (default: the run's)")
+    s.add_argument("--out", default=None, help="output folder (default RUN/eval, else runs/eval)")
+    s.add_argument("--task", default=None, help="task.name (a built-in task, jsonl or hf with --task.path)")
+    s.add_argument("--k", type=int, default=None, help="eval.k")
+    s.add_argument("--num-prompts", type=int, default=None, help="eval.num_prompts")
+    s.add_argument("--temperature", type=float, default=None, help="eval.temperature (default: the rollout's)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="rollout.max_new_tokens")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default=None, help="model.device")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="SFT warm start then RL with snib on addition (a few minutes on CPU)", allow_abbrev=False)

@@ -54,7 +54,7 @@ def test_user_errors_exit_2_without_traceback(tiny_model_dir, tmp_path, capsys):
     assert "no such JSONL file" in capsys.readouterr().err
 
     assert main(["eval", "--model", str(tmp_path / "nomodel")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "no such run, model folder or hub name" in capsys.readouterr().err
 
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "not a run folder" in capsys.readouterr().err

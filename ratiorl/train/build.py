@@ -43,10 +43,48 @@ def build_task(cfg: TrainConfig):
     return Task(name=os.path.basename(str(t.path)), train=rows, eval=eval_rows, reward="exact_match")
 
 
+def reward_spec(cfg: TrainConfig, task_reward) -> list:
+    """The run's rewards as ``[(name, weight, options), ...]``: the ``rewards:`` list when given,
+    else ``reward.name`` (None = the task's default reward) with ``reward.options``."""
+    if cfg.rewards:
+        spec = []
+        for i, entry in enumerate(cfg.rewards):
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict) or "name" not in entry or set(entry) - {"name", "weight", "options"}:
+                raise ValueError(f"rewards[{i}]: expected {{name, weight, options}}, got {entry!r}")
+            spec.append((str(entry["name"]), float(entry.get("weight", 1.0)), dict(entry.get("options") or {})))
+        if cfg.reward.name is not None:
+            raise ValueError("give either reward.name or a rewards: list, not both")
+        return spec
+    if cfg.reward.name is None and isinstance(task_reward, (list, tuple)):
+        return list(task_reward)
+    return [(cfg.reward.name or task_reward, 1.0, dict(cfg.reward.options))]
+
+
+def build_scorer(cfg: TrainConfig, task):
+    """A ``RewardScorer`` over the run's rewards (``reward_spec``) with the configured noise."""
+    from ratiorl.rewards import RewardScorer  # noqa: PLC0415
+
+    try:
+        return RewardScorer(reward_spec(cfg, task.reward), noise_sigma=cfg.reward.noise_sigma, seed=cfg.seed)
+    except TypeError as e:  # an unknown reward option
+        raise ValueError(str(e)) from None
+
+
 def build_objective(cfg: TrainConfig):
     """The run's objective (plugins imported first); an aggregation that declares
     ``uses_generation_limit`` (Dr.GRPO) gets ``max_tokens = rollout.max_new_tokens`` unless set."""
-    return objective_from_config(cfg).with_generation_limit(cfg.rollout.max_new_tokens)
+    from ratiorl.objectives import ADVANTAGES  # noqa: PLC0415
+
+    obj = objective_from_config(cfg)
+    if cfg.rollout.num_generations < 2 and getattr(ADVANTAGES.lookup(obj.advantage), "needs_groups", False):
+        free = ", ".join(n for n, f in sorted(ADVANTAGES.items()) if not getattr(f, "needs_groups", False))
+        raise ValueError(f"rollout.num_generations={cfg.rollout.num_generations} with objective.advantage="
+                         f"{obj.advantage!r}: that advantage compares the completions of a group, so a group "
+                         "of one gives every advantage 0; set rollout.num_generations >= 2 or an advantage "
+                         f"without groups ({free})")
+    return obj.with_generation_limit(cfg.rollout.max_new_tokens)
 
 
 def build_controller(cfg: TrainConfig, beta: float):
@@ -80,8 +118,10 @@ def lr_lambda(optim, total_updates: int):
 def ensure_model(cfg: TrainConfig, console=None) -> str:
     """The model path. A missing local folder under runs/ (the examples' default tiny model) is
     created with the config's `sft:` settings when `model.auto_create` is on; a name that looks like
-    a hub id ("org/name") is left to `from_pretrained`."""
-    path = cfg.model.path
+    a hub id ("org/name") is left to `from_pretrained`; ``pkg:<module>`` is an installed package's folder."""
+    from ratiorl.policy.loading import resolve_model_path  # noqa: PLC0415
+
+    path = resolve_model_path(cfg.model.path)
     if os.path.exists(path):
         return path
     norm = os.path.normpath(path)
@@ -104,14 +144,15 @@ def build_policy(cfg: TrainConfig, model_path: str, needs_reference: bool):
     lora = None
     if cfg.lora.enabled:
         lora = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout}
-        if cfg.lora.target_modules:
-            lora["target_modules"] = cfg.lora.target_modules
-    device = cfg.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # none given: every linear layer of attention and MLP (ratiorl.policy.lora)
+        lora["target_modules"] = list(cfg.lora.target_modules) if cfg.lora.target_modules else "auto"
+    from ratiorl.policy.loading import check_device  # noqa: PLC0415
+
+    device = check_device(cfg.model.device)
     try:
         return Policy.from_pretrained(model_path, lora=lora, reference="auto" if needs_reference else "none",
-                                      temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, device=device)
+                                      temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, device=device,
+                                      gguf_file=cfg.model.gguf_file)
     except OSError as e:
         raise ValueError(f"model.path={model_path!r} could not be loaded: {e}") from None
 

@@ -83,6 +83,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0")
     need(cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1")
+    need(0.0 < cfg.rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    need(cfg.rollout.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {cfg.rollout.top_k}")
+    need(cfg.rollout.policy_lag >= 0, f"rollout.policy_lag must be >= 0 (updates), got {cfg.rollout.policy_lag}")
+    need(cfg.rollout.dtype in (None, "float32", "bfloat16", "float16"),
+         f"rollout.dtype must be null (the policy's), float32, bfloat16 or float16, got {cfg.rollout.dtype!r}")
     need(cfg.train.steps >= 0, "train.steps must be >= 0")
     need(cfg.train.epochs >= 1, "train.epochs must be >= 1")
     need(cfg.train.mini_batches >= 1, "train.mini_batches must be >= 1")

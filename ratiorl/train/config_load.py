@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_schema import ObjectiveConfig, TrainConfig
 
-_NULLS = ("none", "null", "~")
+_NULLS = ("null", "~")  # YAML nulls only: "none" is a registered name (advantage, shaping, ...)
 
 
 def parse_value(text: Any) -> Any:

@@ -20,6 +20,7 @@ class ModelConfig:
     auto_create: bool = True  # if `path` is missing locally, build it with `ratiorl sft` settings
     device: str = "cpu"
     dtype: Optional[str] = None  # None = checkpoint dtype; "float32" | "bfloat16" | "float16"
+    gguf_file: Optional[str] = None  # a .gguf file inside `path` (dequantised on load; needs `gguf`)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: Optional[list] = None  # None = PEFT's default for the architecture
+    target_modules: Optional[list] = None  # None = every linear layer of attention/MLP (not lm_head)
 
 
 @dataclass
@@ -38,8 +39,11 @@ class RolloutConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
-    sync_every: int = 1  # optimizer updates between sampler (pi_old) refreshes
-    recompute_old_logp: bool = False  # recompute pi_old log-probs with a full forward pass
+    top_k: int = 0  # sample from the k most likely tokens only (0 = off); logged log-probs are renormalised
+    sync_every: int = 1  # optimizer updates between sampler refreshes
+    policy_lag: int = 0  # sample with the weights of k optimizer updates ago (an asynchronous trainer)
+    dtype: Optional[str] = None  # sampler precision: None = the policy's | "bfloat16" | "float16" | "float32"
+    recompute_old_logp: bool = False  # always compute pi_old with the trainer's forward (else only when needed)
 
 
 @dataclass
@@ -51,6 +55,8 @@ class TaskConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     options: dict = field(default_factory=dict)  # extra keyword arguments for get_task
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | true | false
+    system_prompt: Optional[str] = None  # a first system message (chat) or line (plain text)
 
 
 @dataclass
@@ -135,9 +141,11 @@ class EvalConfig:
     num_prompts: int = 64  # eval prompts (first n of the eval split)
     k: int = 4  # samples per prompt for avg@k and pass@k
     temperature: Optional[float] = None  # None = rollout temperature
-    greedy: bool = True  # also report greedy exact-match accuracy
+    greedy: bool = True  # also report greedy (temperature 0) accuracy
     before: bool = True  # evaluate at step 0
     headline: str = "avg@k"  # which number summary.json calls eval_accuracy: avg@k | greedy | pass@k
+    reward: Optional[str] = None  # the reward that decides "correct" (None = the run's first reward)
+    threshold: float = 1.0  # a sample is correct when that reward is >= threshold
 
 
 @dataclass
@@ -170,6 +178,8 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # several rewards: [{name, weight, options}, ...]; total = weighted sum (replaces reward.name)
+    rewards: list = field(default_factory=list)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

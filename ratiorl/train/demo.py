@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from .config import TrainConfig, load_config
+from .run_dir import holds_run, move_aside
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 DEMO_CONFIG = os.path.join(EXAMPLES_DIR, "demo.yaml")
@@ -42,6 +43,8 @@ def run_demo(out_dir: str = "runs/demo", config_path: Optional[str] = None, over
     console = console or Console(stderr=True)
     cfg = demo_config(out_dir, config_path, overrides)
     t0 = time.perf_counter()
+    if holds_run(out_dir, os.path.join(out_dir, "checkpoints")):  # a rerun: the earlier demo is kept aside
+        console.print(f"[yellow]moved the earlier demo run in {out_dir} to {move_aside(out_dir)}[/]")
     os.makedirs(out_dir, exist_ok=True)
     console.print(f"[bold]1/2 supervised warm start[/] ({cfg.sft.steps} steps on {cfg.sft.task}) -> {cfg.model.path}")
     sft = run_sft(cfg.model.path, cfg.sft, progress=_sft_progress(console, cfg.sft.steps))

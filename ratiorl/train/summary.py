@@ -10,10 +10,11 @@ def write_summary(cfg, run_dir: str, before: dict, after: dict, *, steps: int, f
                   wall_seconds: float, advantage: str, num_eval_prompts: int) -> dict:
     temp = after.get("eval/temperature", cfg.rollout.temperature)
     k = cfg.eval.k
+    judge = f"{cfg.eval.reward or 'the run reward'} >= {cfg.eval.threshold:g}"
     metric_text = {
-        "avg@k": f"avg@{k}: exact-match accuracy averaged over {k} samples per prompt at temperature {temp}",
+        "avg@k": f"avg@{k}: accuracy ({judge}) averaged over {k} samples per prompt at temperature {temp}",
         "pass@k": f"pass@{k}: fraction of prompts with a correct answer among {k} samples at temperature {temp}",
-        "greedy": "greedy: exact-match accuracy of the greedy (temperature 0) answer",
+        "greedy": f"greedy: accuracy ({judge}) of the greedy (temperature 0) answer",
     }[cfg.eval.headline] + f", on {num_eval_prompts} held-out prompts"
     key = {"avg@k": "eval/avg@k", "pass@k": "eval/pass@k", "greedy": "eval/greedy_acc"}[cfg.eval.headline]
     summary = {

@@ -23,7 +23,6 @@ from the newest checkpoint, so a resumed run continues with exactly the same num
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
@@ -35,11 +34,16 @@ from ratiorl.objectives import ADVANTAGES, KL_ESTIMATORS
 from ratiorl.report.sinks import MetricsLogger, truncate_jsonl
 
 from . import hooks as H
-from .build import build_controller, build_objective, build_optimizer, build_policy, build_task, ensure_model
-from .checkpoint import latest_checkpoint, restore_trainer, save_checkpoint, seed_everything, trainer_state
-from .config import TrainConfig, save_config
+from .build import (build_controller, build_objective, build_optimizer, build_policy, build_scorer, build_task,
+                    ensure_model)
+from .checkpoint import (latest_checkpoint, load_newest_state, restore_trainer, save_checkpoint, seed_everything,
+                         trainer_state)
+from .config import TrainConfig
+from .prompts import render_task
+from .run_dir import prepare_run_dir
 from .stages.advantages import CriticAdvantages, GroupAdvantages
 from .stages.report import Report
+from .sampler import LaggingSampler, mismatch_sources, old_logp_source
 from .stages.sample import PromptStream, Sample
 from .stages.score import Score
 from .stages.update import Update
@@ -51,11 +55,9 @@ TIMING_PREFIXES = ("time/", "throughput/")  # metrics that depend on the machine
 class Trainer:
     """Owns the policy, the stages, the hooks and the run folder. ``step()`` is one RL step."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, console=None):
+    def __init__(self, config: TrainConfig, resume: bool = False, console=None, *, overwrite: bool = False):
         from rich.console import Console  # noqa: PLC0415
 
-        from ratiorl.policy import Policy  # noqa: PLC0415
-        from ratiorl.rewards import RewardScorer  # noqa: PLC0415
         from ratiorl.rollout import HFRolloutEngine  # noqa: PLC0415
 
         self.cfg = cfg = config
@@ -66,15 +68,13 @@ class Trainer:
         seed_everything(cfg.seed)
         self.run_dir, self.ckpt_dir = cfg.out_dir, os.path.join(cfg.out_dir, "checkpoints")
         os.makedirs(self.run_dir, exist_ok=True)
-        resume_from = self._prepare_run_dir(resume)
+        resume_from = self._prepare_run_dir(resume, overwrite)
 
         # ---- what the run learns from, and how
         self.task = build_task(cfg)
         if not self.task.train or not self.task.eval:
             raise ValueError(f"task {cfg.task.name!r} has an empty train or eval split")
-        reward_name = cfg.reward.name or self.task.reward
-        spec = [(reward_name, 1.0, cfg.reward.options)] if cfg.reward.options else reward_name
-        self.scorer = RewardScorer(spec, noise_sigma=cfg.reward.noise_sigma, seed=cfg.seed)
+        self.scorer = build_scorer(cfg, self.task)
         self.objective = obj = build_objective(cfg)
         advantage = ADVANTAGES.lookup(obj.advantage)
         controller = build_controller(cfg, obj.beta)
@@ -90,19 +90,20 @@ class Trainer:
         model_path = ensure_model(cfg, self.console)
         self.policy = build_policy(cfg, model_path, needs_reference=kl_active or need_ref_logp)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.task = render_task(self.task, self.tokenizer, cfg.task)  # chat template, system prompt
         self.eval_engine = HFRolloutEngine(self.model, self.tokenizer)
-        if cfg.rollout.sync_every == 1:
-            self.engine = self.eval_engine  # the sampler is the policy at rollout time
-        else:  # a lagging sampler (pi_old) needs its own copy of the weights
-            sampler = copy.deepcopy(self.model).requires_grad_(False)
-            self.engine = HFRolloutEngine(sampler, self.tokenizer)
+        # the sampler (mu): the policy's own model, or a copy in rollout.dtype lagging by policy_lag updates
+        self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine, HFRolloutEngine)
+        self.engine = self.sampler.engine
         self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed)  # sampling stream
 
         # ---- the five stages
-        old_logp_scorer = (Policy(self.engine.model, self.tokenizer, reference="none",
-                                  temperature=cfg.rollout.temperature) if cfg.rollout.recompute_old_logp else None)
+        sources = mismatch_sources(cfg.rollout, next(self.model.parameters()).dtype)
+        self.old_logp_source = old_logp_source(cfg, obj, sources)  # "behaviour" | "forward" | "loglinear"
+        forward = self.old_logp_source == "forward"
         self.stream = PromptStream(self.task.train, cfg.seed)
-        self.sample = Sample(self.engine, self.stream, cfg.rollout, self.generator, old_logp_scorer)
+        self.sample = Sample(self.engine, self.stream, cfg.rollout, self.generator, self.policy if forward else None,
+                             version=lambda: self.sampler.version)
         self.score = Score(self.scorer, self.task.check, cfg.reward, cfg.rollout.max_new_tokens)
         self.collector = (H.DynamicSampling(cfg.train.max_sampling_tries) if cfg.train.dynamic_sampling
                           else H.OneDraw())
@@ -120,7 +121,8 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.update = Update(self.policy, obj, self.optimizer, self.scheduler, cfg,
                              auxiliary=[self.critic] if self.critic is not None else [],
-                             after_update=self._sync_sampler, measure_token_kl=self.measure_token_kl)
+                             after_update=self.sampler.after_update, measure_token_kl=self.measure_token_kl,
+                             measure_mismatch=forward and bool(sources))
         self.report = Report(_diagnostics() if cfg.logging.diagnostics else None, self.console)
 
         # ---- hooks and the state a checkpoint restores
@@ -135,25 +137,13 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard,
                                     purge_step=self.step_count + 1 if resume_from else None)
 
-    def _prepare_run_dir(self, resume: bool) -> Optional[str]:
-        resume_from = latest_checkpoint(self.ckpt_dir) if resume else None
-        if resume and resume_from is None:
-            self.console.print(f"[yellow]--resume: no checkpoint in {self.ckpt_dir}; starting from scratch[/]")
-        if resume_from is None and os.path.exists(os.path.join(self.run_dir, "metrics.jsonl")):
-            truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), None)  # a fresh run: new file
-            if latest_checkpoint(self.ckpt_dir) is not None:
-                self.console.print(f"[yellow]{self.run_dir} holds checkpoints of an earlier run; starting over "
-                                   "(use --resume to continue it)[/]")
-        save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
-        return resume_from
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Optional[str]:
+        """A used folder needs resume (same config, up to safe keys) or overwrite (moved aside)."""
+        return prepare_run_dir(self.cfg, self.run_dir, self.ckpt_dir, resume, overwrite, self.console.print)
 
     def set_objective(self, objective) -> None:
         """Swap the objective (the KL controller does this when it moves beta)."""
         self.objective = self.update.objective = objective
-
-    def _sync_sampler(self, updates: int) -> None:
-        if self.engine is not self.eval_engine and updates % self.cfg.rollout.sync_every == 0:
-            self.engine.load_weights(self.model)  # sampler (pi_old) <- policy
 
     def draw(self, n_prompts: int):
         """``n_prompts`` new groups, sampled and scored (what a collector asks for)."""
@@ -181,11 +171,11 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """avg@k and pass@k (sampling at the eval temperature) and greedy accuracy on the eval split."""
-        from .evaluate import evaluate_engine  # noqa: PLC0415
+        from .evaluate import evaluate_engine, reward_judge  # noqa: PLC0415
 
         cfg, e = self.cfg, self.cfg.eval
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature
-        return evaluate_engine(self.eval_engine, self.task.eval[: e.num_prompts], self.task.check, k=e.k,
+        return evaluate_engine(self.eval_engine, self.task.eval[: e.num_prompts], reward_judge(self.scorer, e), k=e.k,
                                temperature=temp, top_p=cfg.rollout.top_p,
                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, greedy=e.greedy)
 
@@ -256,7 +246,8 @@ class Trainer:
         return save_checkpoint(self.ckpt_dir, self.step_count, write, keep_last=self.cfg.checkpoint.keep_last)
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(os.path.join(path, "state.pt"), map_location=self.policy.device, weights_only=False)
+        # weights_only=True; a checkpoint that fails to load falls back to the previous one
+        path, state = load_newest_state(os.path.dirname(path), self.policy.device, self.console.print, newest=path)
         restore_trainer(self, state, path)
         self.console.print(f"resumed from {path} (step {self.step_count})")
 
@@ -283,9 +274,10 @@ def _diagnostics():
     return diagnostics
 
 
-def train(config: TrainConfig, resume: bool = False, until: Optional[int] = None, console=None) -> dict:
+def train(config: TrainConfig, resume: bool = False, until: Optional[int] = None, console=None,
+          overwrite: bool = False) -> dict:
     """Run training from a config; returns the summary dict (also written to summary.json)."""
-    trainer = Trainer(config, resume=resume, console=console)
+    trainer = Trainer(config, resume=resume, console=console, overwrite=overwrite)
     try:
         return trainer.run(until=until)
     finally:
