@@ -67,7 +67,8 @@ def build_scorer(cfg: TrainConfig, task):
     from ratiorl.rewards import RewardScorer  # noqa: PLC0415
 
     try:
-        return RewardScorer(reward_spec(cfg, task.reward), noise_sigma=cfg.reward.noise_sigma, seed=cfg.seed)
+        return RewardScorer(reward_spec(cfg, task.reward), noise_sigma=cfg.reward.noise_sigma, seed=cfg.seed,
+                            timeout=cfg.reward.timeout)
     except TypeError as e:  # an unknown reward option
         raise ValueError(str(e)) from None
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -80,6 +81,7 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     need(cfg.rollout.num_generations >= 1, "rollout.num_generations must be >= 1")
+    need(math.isfinite(cfg.reward.timeout) and cfg.reward.timeout > 0, "reward.timeout must be a number of seconds > 0")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0")
     need(cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1")

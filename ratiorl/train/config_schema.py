@@ -66,6 +66,7 @@ class RewardConfig:
     noise_sigma: float = 0.0
     overlong_penalty: float = 0.0  # DAPO soft overlong punishment factor (0 = off)
     overlong_buffer: int = 4  # tokens before max_new_tokens where the penalty ramps up
+    timeout: float = 10.0  # seconds per sample and reward function; over it the sample scores 0 (counted)
 
 
 @dataclass
