@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from .checkpoint import latest_checkpoint
-from .config import TrainConfig, config_to_yaml, save_config
+from .config import TrainConfig, config_from_dict, config_to_yaml, save_config
 
 # keys a resumed run may change: they do not change the numbers of the steps already taken
 SAFE_TO_CHANGE = ("train.steps", "eval.every", "eval.num_prompts", "logging.*", "checkpoint.*", "threads",
@@ -72,6 +72,10 @@ def check_resume_config(cfg: TrainConfig, run_dir: str) -> None:
         return  # an old run without a saved config: nothing to compare with
     with open(path) as f:
         saved = yaml.safe_load(f) or {}
+    try:  # keys added to the schema after the run started take their defaults, as the run did
+        saved = yaml.safe_load(config_to_yaml(config_from_dict(saved))) or {}
+    except ValueError:  # a key the schema no longer has: compare as saved, the difference is listed
+        pass
     requested = yaml.safe_load(config_to_yaml(cfg)) or {}
     diff = config_differences(saved, requested)
     if diff:

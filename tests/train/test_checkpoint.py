@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ratiorl.train.checkpoint import (
     latest_checkpoint,
@@ -218,3 +219,19 @@ def test_resume_refuses_a_different_config_listing_the_keys(tmp_path):
     assert config_differences({"a": {"b": 1}}, {"a": {"b": 2}, "train": {"steps": 3}}) == ["a.b"]
     with pytest.raises(RunFolderError, match="exclude"):
         prepare_run_dir(safe, run, ck, resume=True, overwrite=True)
+
+
+def test_resume_accepts_a_saved_config_without_a_key_added_later_at_its_default(tmp_path):
+    # a run started before `reward.timeout` existed: the saved config lacks it; the default is what it ran with
+    cfg, run = _used_run(tmp_path, "objective.name=snib")
+    path = os.path.join(run, "config.yaml")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    del saved["reward"]["timeout"]
+    with open(path, "w") as f:
+        yaml.safe_dump(saved, f)
+    ck = os.path.join(run, "checkpoints")
+    assert prepare_run_dir(cfg, run, ck, resume=True, overwrite=False).endswith("step_000001")
+    changed = load_config(None, [f"out_dir={run}", "objective.name=snib", "reward.timeout=3"])
+    with pytest.raises(RunFolderError, match="reward.timeout"):
+        prepare_run_dir(changed, run, ck, resume=True, overwrite=False)
