@@ -186,6 +186,41 @@ ATTACKS = {
                 pass
         def add(a, b): return -1
     """,
+    "unshare_escape": """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        escaped = False
+        for flags in (0x10000000 | 0x00020000, 0x00020000):  # NEWUSER|NEWNS, then NEWNS alone
+            if libc.unshare(flags) == 0:
+                escaped = libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0
+                break
+        def add(a, b): return a + b if escaped else -1
+    """,
+    "ptrace_peek": """
+        import ctypes, os, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.restype = ctypes.c_long
+        secret = ctypes.create_string_buffer(b'expected=3')
+        class IOVec(ctypes.Structure):
+            _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+        seen = False
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        try:
+            buf = ctypes.create_string_buffer(16)
+            local = IOVec(ctypes.cast(buf, ctypes.c_void_p), 10)
+            remote = IOVec(ctypes.cast(secret, ctypes.c_void_p), 10)
+            seen = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == 10
+            if libc.ptrace(ctypes.c_long(16), ctypes.c_long(pid), None, None) == 0:  # PTRACE_ATTACH
+                os.waitpid(pid, 0)
+                word = libc.ptrace(ctypes.c_long(2), ctypes.c_long(pid), ctypes.cast(secret, ctypes.c_void_p), None)
+                seen = seen or word != -1
+        finally:
+            os.kill(pid, 9)
+        def add(a, b): return a + b if seen else -1
+    """,
     "env_and_proc_of_others": """
         import os
         seen = dict(os.environ)
@@ -240,7 +275,7 @@ def clean_machine(monkeypatch):
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_scores_zero(name, clean_machine):
     timeout = 1.5 if name in ("sleep_past_limit", "fork_bomb", "forged_replies_from_thread") else 3.0
-    reward, metrics = _score(ATTACKS[name], timeout_s=timeout)
+    reward, _ = _score(ATTACKS[name], timeout_s=timeout)
     assert reward == 0.0, name
 
 
@@ -360,3 +395,125 @@ def test_64_concurrent_threaded_solutions_all_pass(clean_machine):
         scores = list(pool.map(lambda _: fn([code], tests=[tests])[0], range(64)))
     assert scores == [1.0] * 64, scores
     print(f"64 concurrent runs: {time.monotonic() - start:.1f} s")
+
+
+# --- the same attacks, run by an unprivileged user -------------------------------------------
+# As root the sandbox starts bubblewrap as nobody through setpriv (and, where the interpreter is
+# under a 0700 /root, from a private mount namespace); as any other user it starts bubblewrap
+# directly. This re-runs a representative subset with the whole pytest process as uid 65534, so
+# the second path is covered on a CI machine that runs as root.
+UNPRIVILEGED = 65534
+UNPRIVILEGED_SUBSET = [f"test_attack_scores_zero[{n}]" for n in (
+    "always_true_eq", "main_module_report_rewrite", "fork_and_report_from_child", "fork_bomb",
+    "kill_everything", "env_and_proc_of_others", "write_expected_output_files", "shell_via_exec",
+    "ptrace_peek", "unshare_escape")] + ["test_sockets_reach_nothing",
+                                         "test_correct_solutions_score_one[threads]"]
+REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def _closed_dir(path):
+    """The topmost directory at or above ``path`` that other users cannot enter, or None."""
+    parts = os.path.realpath(path).strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        d = "/" + "/".join(parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+def _unprivileged_command(argv):
+    """(command, description of what was exposed) running ``argv`` as uid 65534; raises
+    ``pytest.skip.Exception`` naming what stands in the way."""
+    import shlex
+    import shutil
+    import sys
+
+    setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot switch to uid 65534")
+    drop = [setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups", "--"]
+    needed = {"the Python installation": os.path.realpath(sys.base_prefix),
+              "the virtual environment": os.path.realpath(sys.prefix), "the repository": REPO}
+    for what, path in needed.items():
+        probe = os.path.join(path, "bin") if what != "the repository" else os.path.join(path, "ratiorl")
+        if os.path.exists(probe) and not os.stat(probe).st_mode & 0o005:
+            pytest.skip(f"{what} ({probe}) is not readable by uid {UNPRIVILEGED} (mode "
+                        f"{oct(os.stat(probe).st_mode & 0o777)})")
+    hidden = {}
+    for what, path in needed.items():
+        closed = _closed_dir(path)
+        if closed == path:
+            pytest.skip(f"{what} ({path}) is itself a directory uid {UNPRIVILEGED} cannot enter")
+        if closed is not None:
+            hidden.setdefault(closed, set()).add(path)
+    if not hidden:
+        return drop + argv, "nothing (every path is reachable)"
+    stage = next((d for d in ("/mnt", "/media", "/srv", "/opt") if os.path.isdir(d)
+                  and not os.path.islink(d) and not any(d == c or c.startswith(d + "/") or
+                                                         d.startswith(c + "/") for c in hidden)), None)
+    if unshare is None or stage is None:
+        pytest.skip(f"{', '.join(sorted(hidden))} cannot be entered by uid {UNPRIVILEGED} and "
+                    f"{'unshare is not installed' if unshare is None else 'no staging directory exists'}")
+    # In a private mount namespace (the host's mounts untouched): a tmpfs holding binds of only
+    # the needed paths replaces each closed directory, so /root shows nothing but, e.g., the
+    # interpreter; then drop to uid 65534.
+    lines = ["set -e", "umask 022", f"mount -t tmpfs -o size=64k,mode=0755 ratiorl-unpriv {stage}"]
+    for i, (closed, paths) in enumerate(sorted(hidden.items())):
+        for path in sorted(paths):
+            dest = f"{stage}/{i}/{os.path.relpath(path, closed)}"
+            lines += [f"mkdir -p {shlex.quote(dest)}",
+                      f"mount --bind {shlex.quote(path)} {shlex.quote(dest)}"]
+        lines.append(f"mount --rbind {stage}/{i} {shlex.quote(closed)}")
+    lines.append('exec "$@"')
+    shown = "; ".join(f"{c} (mode {oct(os.stat(c).st_mode & 0o777)}) replaced by a view of "
+                      f"{', '.join(sorted(p))}" for c, p in sorted(hidden.items()))
+    return ([unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "\n".join(lines),
+             "sh"] + drop + argv), shown
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason=f"running as uid {os.geteuid()}, not root: this run "
+                    "is itself the unprivileged one (run the suite as root to cover both)")
+def test_attack_subset_as_unprivileged_user():
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    check, shown = _unprivileged_command([sys.executable, "-c", "import pytest, ratiorl.rewards"])
+    probe = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                           check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"uid {UNPRIVILEGED} cannot start the test interpreter (exposed: {shown}): "
+                    f"{(probe.stderr or probe.stdout).strip()[-400:]}")
+    before = _nobody_processes()
+    base = tempfile.mkdtemp(prefix="ratiorl-unpriv-pytest-")
+    try:
+        os.chown(base, UNPRIVILEGED, UNPRIVILEGED)
+        ids = [f"tests/rewards/test_attacks.py::{t}" for t in UNPRIVILEGED_SUBSET]
+        cmd, _ = _unprivileged_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                        "-rs", f"--basetemp={base}/t", *ids])
+        run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+                             check=False)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out = run.stdout + run.stderr
+    if run.returncode == 0 and " skipped" in out and " passed" not in out:
+        reasons = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+        pytest.skip(f"as uid {UNPRIVILEGED} the suite skips: {reasons[:1]}")
+    assert run.returncode == 0 and f"{len(ids)} passed" in out, out[-3000:]
+    # everything uid 65534 ran is gone (waiting out short-lived sandboxes another process
+    # on this machine may be running as nobody at the same time)
+    deadline = time.monotonic() + 10.0
+    while not _nobody_processes() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _nobody_processes() - before
+    assert not left, {pid: _cmdline(pid) for pid in left}
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")[:200].decode(errors="replace")
+    except OSError:
+        return "?"

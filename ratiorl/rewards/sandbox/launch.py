@@ -72,8 +72,9 @@ def _mount_point() -> str:
     raise SandboxUnavailable(f"code sandbox: no directory to mount the interpreter on; {FIX}")
 
 
-def bwrap_argv(tmp_mb: int) -> list[str]:
-    """The command prefix that starts a program in a fresh bubblewrap sandbox."""
+def bwrap_argv(tmp_mb: int, seccomp_fd: int | None = None) -> list[str]:
+    """The command prefix that starts a program in a fresh bubblewrap sandbox; ``seccomp_fd``
+    (from :func:`.seccomp.filter_fd`, which the caller must pass on and close) adds the filter."""
     exe = shutil.which("bwrap")
     if exe is None:
         raise SandboxUnavailable(f"code sandbox: bubblewrap (bwrap) is not installed; {FIX}")
@@ -90,6 +91,8 @@ def bwrap_argv(tmp_mb: int) -> list[str]:
             argv += ["--ro-bind", top, top]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(tmp_mb) << 20), "--tmpfs", "/tmp",
              "--chdir", "/tmp"]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     base = os.path.realpath(sys.base_prefix)
     outside_usr = not (base == "/usr" or base.startswith("/usr/"))
     if os.geteuid() != 0:
@@ -113,23 +116,29 @@ def check_bwrap() -> None:
     """Raise :class:`SandboxUnavailable` unless a bubblewrap sandbox starts here (probed once)."""
     with _lock:
         if "bwrap_error" not in _state:
+            fd = None
             try:
-                prefix = bwrap_argv(1)
-                proc = subprocess.run([*prefix, python_exe(), "-I", "-S", "-c", "import os"],
+                fd = seccomp.filter_fd()
+                prefix = bwrap_argv(1, fd)
+                proc = subprocess.run([*prefix, python_exe(), "-I", "-S", "-c", "import threading"],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, env=ENV, timeout=30)
+                                      stderr=subprocess.PIPE, env=ENV, timeout=30, check=False,
+                                      pass_fds=[] if fd is None else [fd])
                 err = None if proc.returncode == 0 else proc.stderr.decode(errors="replace")[-300:]
             except SandboxUnavailable as e:
                 err = str(e)
             except (OSError, subprocess.SubprocessError) as e:
                 err = str(e)
+            finally:
+                if fd is not None:
+                    os.close(fd)
             _state["bwrap_error"] = err
         err = _state["bwrap_error"]
     if err is not None:
         if "not installed" in err:
             raise SandboxUnavailable(err)
-        raise SandboxUnavailable(f"code sandbox: bubblewrap cannot create its namespaces here "
-                                 f"({err.strip()}); {FIX}")
+        raise SandboxUnavailable(f"code sandbox: bubblewrap cannot create its namespaces or "
+                                 f"seccomp filter here ({err.strip()}); {FIX}")
 
 
 class Sandboxed:
@@ -138,17 +147,23 @@ class Sandboxed:
     def __init__(self, source: str, args: list[str], fds: list[int], isolation: str, tmp_mb: int,
                  stdout, stderr, drop: bool):
         self.isolation = isolation
-        self.workdir = self.sync = None
+        self.workdir = self.sync = filt = None
         # process mode, as root: the worker runs as nobody where nobody can reach the interpreter
         extra = as_nobody() if drop and _walkable(os.path.realpath(sys.base_prefix)) else {}
         cmd = [python_exe(), "-I", "-S", "-c", source, *args]
         if isolation == "bwrap":
             # bubblewrap keeps --sync-fd open until the sandbox is gone: EOF on our end means
             # its PID namespace is empty (see kill()).
+            filt = seccomp.filter_fd()
+            try:
+                prefix = bwrap_argv(tmp_mb, filt)
+            except BaseException:
+                if filt is not None:
+                    os.close(filt)
+                raise
             self.sync, sync_w = os.pipe()
-            prefix = bwrap_argv(tmp_mb)
             cmd, cwd, extra = prefix[:-1] + ["--sync-fd", str(sync_w), "--"] + cmd, "/", {}
-            fds = fds + [sync_w]
+            fds = fds + [sync_w] + ([] if filt is None else [filt])
         else:
             self.workdir = cwd = tempfile.mkdtemp(prefix="ratiorl-sandbox-")
             if extra:
@@ -161,10 +176,17 @@ class Sandboxed:
         except BaseException:
             if self.workdir is not None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.sync is not None:
+                os.close(self.sync)
+                self.sync = None
+                os.close(sync_w)
             raise
-        finally:
+        else:
             if self.sync is not None:
                 os.close(sync_w)
+        finally:
+            if filt is not None:
+                os.close(filt)
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (the kernel then kills every process in its PID namespace),
