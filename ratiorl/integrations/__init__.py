@@ -2,6 +2,8 @@
 
 ``RatioGRPOTrainer`` (TRL's GRPOTrainer with a ratiorl loss, see ``ratiorl.integrations.trl``)
 is imported lazily: ``import ratiorl.integrations`` does not import TRL.
+``ratiorl.integrations.verl`` registers every objective as a verl policy loss ``ratiorl.<preset>``;
+verl imports it itself through the ``verl.plugins`` entry point (docs/verl.md).
 """
 
 __all__ = ["RatioGRPOTrainer"]

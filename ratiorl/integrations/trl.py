@@ -25,11 +25,32 @@ error). A KL estimator that needs the full-vocabulary KL (`obj.needs_token_kl`, 
 `kl_estimator="exact"`) is not supported (TRL has no full-vocabulary KL). An aggregation that
 uses the generation limit (Dr.GRPO's) gets `max_completion_length` unless `max_tokens` is set.
 TRL's other loss options (`loss_type`, `epsilon*`, `importance_sampling_level`, entropy
-masking/bonus, off-policy mask, vLLM IS correction, MoE aux loss, `delta`) are not applied.
+masking/bonus, off-policy mask, MoE aux loss, `delta`) are not applied.
 Objective metrics are logged as `objective/<name>`, averaged over processes.
+
+Sampler/trainer mismatch: TRL records the sampler's per-token log-probs (`sampling_per_token_logps`,
+from vLLM or a `rollout_func`); they are the objective's `behaviour_logp` (NaN, a token vLLM could
+not score, counts as no mismatch, as in TRL). Exactly one correction applies, ratiorl's:
+- the objective has a `mismatch_level`: it is used as is, and with `use_vllm=True` TRL's own
+  `vllm_importance_sampling_correction` is switched off (a warning says so);
+- it has none, and `use_vllm=True` with TRL's `vllm_importance_sampling_correction=True` (TRL's
+  default): TRL's mode becomes the objective's mismatch correction, token_truncate ->
+  level "token" + mode "truncate", token_mask -> "token" + "mask", sequence_truncate /
+  sequence_mask -> "sequence" + "truncate" / "mask", with `mismatch_low` =
+  `vllm_importance_sampling_clip_min` (None -> 0, no lower bound) and `mismatch_high` =
+  `vllm_importance_sampling_clip_max`; TRL's flag is then switched off. Set
+  `vllm_importance_sampling_correction=False` for no correction at all.
+pi_old is TRL's `old_per_token_logps` when TRL computes it, else the detached current log-probs
+(equal to pi_old when generation is aligned with optimizer steps, which is when TRL skips it).
+
+Liger: TRL 1.16 has no Liger GRPO loss (`use_liger_kernel` only patches layer kernels and refuses
+the fused linear cross-entropy); a `use_liger_loss=True` (older/newer TRL) or a Liger config
+with `fused_linear_cross_entropy` would compute the loss outside this class, so both are errors.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -44,18 +65,58 @@ _MODEL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+_TRL_IS_MODES = {  # TRL vllm_importance_sampling_mode -> (mismatch_level, mismatch_mode)
+    "token_truncate": ("token", "truncate"), "token_mask": ("token", "mask"),
+    "sequence_truncate": ("sequence", "truncate"), "sequence_mask": ("sequence", "mask"),
+}
+
+
+def check_no_liger_loss(args) -> None:
+    """A Liger loss would replace the ratiorl objective: refuse it instead of bypassing silently."""
+    kernel_cfg = getattr(args, "liger_kernel_config", None) or {}
+    if getattr(args, "use_liger_loss", False) or (
+            getattr(args, "use_liger_kernel", False) and kernel_cfg.get("fused_linear_cross_entropy")):
+        raise ValueError(
+            "RatioGRPOTrainer computes its loss with a ratiorl objective; TRL's Liger loss path (use_liger_loss=True "
+            "or liger_kernel_config={'fused_linear_cross_entropy': True}) would bypass it. Turn it off "
+            "(use_liger_kernel=True with layer kernels only is fine)")
+
+
+def mismatch_from_trl(obj, args):
+    """The objective with TRL's vLLM importance-sampling correction mapped onto ratiorl's mismatch
+    correction, and ``args.vllm_importance_sampling_correction`` switched off (module docstring)."""
+    if not (getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)):
+        return obj
+    if obj.uses_mismatch:
+        warnings.warn(f"objective {obj.name!r} has its own mismatch correction (mismatch_level="
+                      f"{obj.mismatch_level!r}); TRL's vllm_importance_sampling_correction is switched off so that "
+                      "the correction is applied once", stacklevel=3)
+    else:
+        mode = args.vllm_importance_sampling_mode
+        if mode not in _TRL_IS_MODES:
+            raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}; valid: {', '.join(_TRL_IS_MODES)}")
+        level, how = _TRL_IS_MODES[mode]
+        low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+        obj = obj.replace(mismatch_level=level, mismatch_mode=how, mismatch_low=0.0 if low is None else float(low),
+                          mismatch_high=float("inf") if high is None else float(high))
+    args.vllm_importance_sampling_correction = False
+    return obj
+
+
 class RatioGRPOTrainer(GRPOTrainer):
     """`GRPOTrainer(model, reward_funcs, args, ..., objective="snib")`: `objective` is a preset
     name or a `ratiorl.Objective`; all other arguments are GRPOTrainer's."""
 
     def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *rest, objective="grpo", **kwargs):
         obj = ratiorl.objective(objective) if isinstance(objective, str) else objective
+        args = args if args is not None else GRPOConfig()
+        check_no_liger_loss(args)
+        obj = mismatch_from_trl(obj, args)
         if obj.needs_token_kl:
             raise ValueError(
                 f"objective {obj.name!r} uses kl_estimator={obj.kl_estimator!r} (full-vocabulary KL), which "
                 "RatioGRPOTrainer cannot supply from TRL's inputs; use kl_estimator='k3' (e.g. ratiorl.objective("
                 f"{obj.name!r}, kl_estimator='k3')), beta=0, or ratiorl's own trainer (`ratiorl train`)")
-        args = args if args is not None else GRPOConfig()
         if args.beta not in (0.0, obj.beta):
             raise ValueError(f"args.beta={args.beta} conflicts with the objective's beta={obj.beta}; "
                              "set beta on the objective (args.beta is taken from it)")
@@ -107,9 +168,18 @@ class RatioGRPOTrainer(GRPOTrainer):
         accum = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
         spg = self.args.steps_per_generation if mode == "train" else 1
         num_tokens = torch.as_tensor(inputs["num_items_in_batch"]).clamp(min=1) * accum / spg
+        old_logp = logp.detach() if old_logp is None else old_logp
+        behaviour = None
+        if self.objective.needs_behaviour_logp:
+            behaviour = inputs.get("sampling_per_token_logps")
+            if behaviour is None:
+                raise ValueError(
+                    f"objective {self.objective.name!r} corrects the sampler mismatch and needs the sampler's "
+                    "log-probs, which TRL records only with use_vllm=True or a rollout_func returning logprobs")
+            behaviour = torch.where(torch.isnan(behaviour), old_logp, behaviour)  # unscored token: ratio 1, as TRL
         out = self.objective(
-            logp, logp.detach() if old_logp is None else old_logp, inputs["advantages"], mask,
-            group_ids=group_ids, ref_logp=inputs.get("ref_per_token_logps"),
+            logp, old_logp, inputs["advantages"], mask,
+            group_ids=group_ids, ref_logp=inputs.get("ref_per_token_logps"), behaviour_logp=behaviour,
             num_tokens=num_tokens / self.accelerator.num_processes, num_sequences=B * accum)
         names = [k for k, v in out.metrics.items() if isinstance(v, float)]
         if names:
