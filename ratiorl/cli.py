@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -56,7 +57,8 @@ def cmd_train(args, extra):
 
     cfg = load_config(args.config, extra + _plugin_override(args))
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, console=_console())
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints the summary
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_eval(args, extra):
@@ -121,7 +123,10 @@ def cmd_objectives(args, extra):
 
     if extra:
         raise ValueError(f"unknown arguments for objectives: {' '.join(extra)}")
-    header = ("name", "weight", "shaping", "aggregation", "advantage", "KL (beta est placement)", "source")
+    from ratiorl.objectives.options import PLAIN_FIELDS  # noqa: PLC0415
+
+    header = ("name", "weight", "shaping", "aggregation", "advantage", "KL (beta est placement)", "axes set",
+              "source")
     rows = [header]
     for name in ratiorl.available_objectives():
         o = ratiorl.objective(name)
@@ -133,7 +138,11 @@ def cmd_objectives(args, extra):
             shaping += f" {opts['clip_low']}/{opts['clip_high']}"
         kl = f"{o.beta} {o.kl_estimator} {o.kl_placement}" if o.beta > 0 else "0"
         src = getattr(PRESETS[name], "source", "") if name in PRESETS else ""
-        rows.append((name, o.weight, shaping, o.aggregation, o.advantage, kl, src))
+        if not getattr(o.entry("token_selection"), "identity", False):
+            shaping += f" +{o.token_selection}"
+        fields = getattr(PRESETS[name], "fields", {}) if name in PRESETS else {}
+        axes = ",".join(k for k in PLAIN_FIELDS if k in fields)  # the axes and fields the preset sets
+        rows.append((name, o.weight, shaping, o.aggregation, o.advantage, kl, axes, src))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

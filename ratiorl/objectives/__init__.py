@@ -7,7 +7,7 @@
 
 Axes are registries (``WEIGHTS``, ``SHAPINGS``, ``RULES``, ``AGGREGATIONS``, ``KL_ESTIMATORS``,
 ``KL_PLACEMENTS``, ``ADVANTAGES``, ``PRESETS``, and for the sampler/trainer mismatch ``MISMATCH_LEVELS``,
-``MISMATCH_MODES``, ``PROXIMALS``); a new loss is one registered function whose
+``MISMATCH_MODES``, ``PROXIMALS``, and ``TOKEN_SELECTIONS``); a new loss is one registered function whose
 keyword-only parameters are its options and whose ``register(...)`` keywords are its capabilities.
 """
 
@@ -18,6 +18,7 @@ from .core import Objective, ObjectiveDetails, ObjectiveOutput, available_object
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, AdaptiveBeta, FixedBeta, PrimalDualBeta
 from .mismatch import MISMATCH_LEVELS, MISMATCH_MODES, PROXIMALS, ModeResult
 from .presets import PRESETS, register_preset
+from .selection import TOKEN_SELECTIONS, Selection, SelectionInputs
 from .shaping import RULES, SHAPINGS, Shaped
 from .weights import WEIGHTS, Weight
 
@@ -27,4 +28,5 @@ __all__ = [
     "FixedBeta", "PrimalDualBeta", "AdaptiveBeta",
     "WEIGHTS", "SHAPINGS", "RULES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_PLACEMENTS", "ADVANTAGES",
     "PRESETS", "register_preset", "Registry", "MISMATCH_LEVELS", "MISMATCH_MODES", "PROXIMALS", "ModeResult",
+    "TOKEN_SELECTIONS", "Selection", "SelectionInputs",
 ]

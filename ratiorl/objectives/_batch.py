@@ -24,6 +24,8 @@ class BatchInfo:
         self.n_dropped = n_dropped
         # B' (sequences) and N (tokens) of the aggregations (global counts if the caller passed them).
         self.num_sequences = num_sequences if num_sequences is not None else max(self.B - n_dropped, 1)
+        self.num_sequences_given = num_sequences is not None
+        self.old_logp = None  # (B, T) log pi_old, detached (set by the objective call)
         self.num_tokens = num_tokens if num_tokens is not None else self.lengths.sum().clamp_min(1.0)
         self._pos = None
         self._right_padded = None

@@ -18,10 +18,18 @@ from .._registry import Registry
 AGGREGATIONS = Registry("aggregation")
 
 
+def _b(info, count_empty):
+    """B': every (kept) sequence, or -- count_empty=False, verl's convention -- the non-empty ones,
+    unless the caller passed num_sequences."""
+    if count_empty or info.num_sequences_given:
+        return info.num_sequences
+    return info.seq_valid.sum().clamp_min(1)
+
+
 @AGGREGATIONS.register("seq_mean_token_mean", level="token")
-def seq_mean_token_mean(L, info):
+def seq_mean_token_mean(L, info, *, count_empty: bool = True):
     # GRPO (tutorial sec. 6): (1/B') sum_i (1/|y_i|) sum_t L_it; empty responses give 0, never 0/0
-    return ((L * info.mask).sum(1) / info.lengths.clamp_min(1.0)).sum() / info.num_sequences
+    return ((L * info.mask).sum(1) / info.lengths.clamp_min(1.0)).sum() / _b(info, count_empty)
 
 
 @AGGREGATIONS.register("token_mean", level="token")
@@ -31,22 +39,28 @@ def token_mean(L, info):
 
 
 @AGGREGATIONS.register("seq_mean_token_sum_norm", level="token", uses_generation_limit=True)
-def seq_mean_token_sum_norm(L, info, *, max_tokens=None):
+def seq_mean_token_sum_norm(L, info, *, max_tokens=None, count_empty: bool = True):
     # Dr.GRPO (tutorial sec. 7.2): sum_{i,t} L_it / (B' * max_tokens), max_tokens = generation limit
     max_tokens = max_tokens if max_tokens is not None else info.T
-    return (L * info.mask).sum() / (info.num_sequences * max_tokens)
+    return (L * info.mask).sum() / (_b(info, count_empty) * max_tokens)
 
 
 @AGGREGATIONS.register("seq_mean_token_sum", level="token")
-def seq_mean_token_sum(L, info):
-    # sum_{i,t} L_it / B'
-    return (L * info.mask).sum() / info.num_sequences
+def seq_mean_token_sum(L, info, *, count_empty: bool = True):
+    # sum_{i,t} L_it / B' (LUSPO: a sequence loss weighted by its length, TRL loss_type="luspo")
+    return (L * info.mask).sum() / _b(info, count_empty)
+
+
+@AGGREGATIONS.register("token_sum", level="token")
+def token_sum(L, info):
+    # sum_{i,t} L_it, no normaliser (verl loss_agg_mode="token-sum")
+    return (L * info.mask).sum()
 
 
 @AGGREGATIONS.register("sequence", level="sequence")
-def sequence(L, info):
+def sequence(L, info, *, count_empty: bool = True):
     # GSPO / SNIB (SNIB Alg. 1 line 10): (1/B') sum_i L_i, one loss per sequence
-    return L.sum() / info.num_sequences
+    return L.sum() / _b(info, count_empty)
 
 
 __all__ = ["AGGREGATIONS"]

@@ -5,8 +5,9 @@ One call runs the axes in order (docs/objectives.md)::
     delta  = clamp(logp - old_logp, -20, 20) * mask            (float32)
     w      = WEIGHTS[weight](delta, info, **weight_options)     log weight, token- or sequence-level
     L      = SHAPINGS[shaping](exp(log w), A, w, info, **shaping_options)   per-element loss
+    L      = L * keep + extra                                   (TOKEN_SELECTIONS: selection.py)
     L     += beta * KL placement                                (KL_ESTIMATORS, KL_PLACEMENTS)
-    loss   = AGGREGATIONS[aggregation](L, info, **aggregation_options)
+    loss   = AGGREGATIONS[aggregation](L, info, **aggregation_options) - entropy_coef * H
 
 Entries and resolved options are looked up once, at construction. Metrics are computed under
 ``no_grad`` and moved to the host with a single ``.tolist()``.
@@ -26,33 +27,11 @@ from ._batch import BatchInfo
 from ._inputs import check_inputs, handle_nonfinite
 from ._ops import clamp_abs
 from .kl import KL_PLACEMENTS, missing_input_message
+from .metrics import ObjectiveDetails, call_details, call_metrics
 from .mismatch import apply_correction, check_mismatch_fields, correction, resolve_old_logp
 from .options import AXES, OPTION_FIELDS, REGISTRIES, capability, check_combination, check_values, compose, selected_entries
 from .presets import PRESETS
-
-
-@dataclass(frozen=True)
-class ObjectiveDetails:
-    """Per-element tensors of one call (``return_details=True``), all detached.
-
-    ``weight``: the importance weight, (B, T) for a token-level weight, (B,) for a sequence-level
-    one; ``log_weight``: its log; ``level``: "token" | "sequence"; ``mask``: (B, T) float, 1 on
-    counted tokens (0 on dropped sequences); ``clipped_low`` / ``clipped_high`` / ``clipped_dual``:
-    bool, weight-shaped, where that bound is active on a valid element (None when the shaping
-    never clips); ``clipped_by_token``: (B, T) float 0/1, clipped low or high (sequence clips
-    broadcast to their tokens); ``token_kl``: (B, T) per-token KL of the estimator or None.
-    """
-
-    weight: torch.Tensor
-    log_weight: torch.Tensor
-    level: str
-    mask: torch.Tensor
-    clipped_low: Optional[torch.Tensor]
-    clipped_high: Optional[torch.Tensor]
-    clipped_dual: Optional[torch.Tensor]
-    clipped_by_token: torch.Tensor
-    token_kl: Optional[torch.Tensor] = None
-    correction: Optional[torch.Tensor] = None  # applied mismatch correction pi_old/mu (mismatch.py) or None
+from .selection import SelectionInputs, check_entropy, entropy_term
 
 
 @dataclass(frozen=True)
@@ -124,6 +103,10 @@ class Objective:
     mismatch_mode_options: dict = field(default_factory=dict)
     mismatch_normalize: str = "none"
     proximal: str = "none"
+    # token selection (selection.py) and entropy bonus (docs/objectives.md "Token selection")
+    token_selection: str = "none"
+    token_selection_options: dict = field(default_factory=dict)
+    entropy_coef: float = 0.0
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self):
@@ -152,6 +135,8 @@ class Objective:
             _est_token_kl=bool(getattr(est, "needs_token_kl", False)),
             _est_ref_logp=bool(getattr(est, "needs_ref_logp", False)),
             _mismatch_on=entries["mismatch_level"].level is not None,
+            _sel_on=not getattr(entries["token_selection"], "identity", False),
+            _sel_mu=bool(getattr(entries["token_selection"], "reads_behaviour_logp", False)),
         )
         for k, v in cache.items():
             object.__setattr__(self, k, v)
@@ -226,6 +211,11 @@ class Objective:
             capability(self._entries["advantage"], "needs_groups", self._opts["advantage"]))
 
     @property
+    def needs_entropy(self) -> bool:
+        """The call needs ``entropy=`` (B, T): entropy_coef > 0 or the token selection declares needs_entropy."""
+        return self.entropy_coef > 0 or bool(getattr(self._entries["token_selection"], "needs_entropy", False))
+
+    @property
     def needs_ref_logp(self) -> bool:
         return self.beta > 0 and self._est_ref_logp
 
@@ -258,8 +248,11 @@ class Objective:
     # ------------------------------------------------------------------ the call
     def __call__(self, logp, old_logp, advantages, mask, *, group_ids=None, ref_logp=None, token_kl=None,
                  num_tokens=None, num_sequences=None, return_details=False, behaviour_logp=None,
-                 behaviour_version=None, policy_version=None) -> ObjectiveOutput:
-        mu = corr = None
+                 behaviour_version=None, policy_version=None, entropy=None) -> ObjectiveOutput:
+        mu = corr = keep = None
+        mu_sel = behaviour_logp if self._sel_mu else None  # OPSM reads the sampler's log-probs
+        if mu_sel is not None and old_logp is not None and not self._mismatch_on and not self._entries["proximal"].needs_versions:
+            behaviour_logp = None  # read by the selection only; nothing to correct
         if behaviour_logp is not None or old_logp is None or self._mismatch_on:  # mismatch.py
             old_logp, mu = resolve_old_logp(self, logp, old_logp, behaviour_logp, behaviour_version, policy_version)
         use_kl = self.beta > 0
@@ -273,6 +266,11 @@ class Objective:
             if self._est_ref_logp and ref_logp is None:
                 raise ValueError(missing_input_message(self.kl_estimator, False))
         check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl, num_tokens, num_sequences)
+        if self.needs_entropy:
+            if entropy is None:
+                raise ValueError("this objective needs entropy= (B, T), the per-token entropy of the policy "
+                                 f"(entropy_coef={self.entropy_coef}, token_selection={self.token_selection!r})")
+            check_entropy(entropy, logp)
         old_logp = old_logp.detach()
         advantages = advantages.detach()
         ref_logp = ref_logp.detach() if ref_logp is not None else None
@@ -291,6 +289,7 @@ class Objective:
 
         c = self.log_ratio_clamp
         info = BatchInfo(maskf, group_ids, num_tokens, num_sequences, n_dropped, c)
+        info.old_logp = old_logp.to(cd)
         delta = clamp_abs(logp.to(cd) - old_logp.to(cd), c) * maskf  # float32, clamped, 0 on padding
 
         entries, opts = self._entries, self._opts
@@ -303,6 +302,8 @@ class Objective:
             A_el = A if A.dim() == 1 else info.seq_mean(A)  # one advantage per sequence
         shaped = entries["shaping"](x, A_el, w, info, **self._shaping_kw)
         L = shaped.loss
+        if self._sel_on:  # token selection: L * keep + extra (selection.py)
+            L, keep = self._select(L, logp, delta, A, shaped, entropy, mu_sel if mu_sel is not None else old_logp, info, cd)
         if mu is not None:  # the detached correction pi_old/mu multiplies the policy-gradient term
             corr = correction(self, old_logp, mu, info, cd)
             L = apply_correction(L, corr)
@@ -321,7 +322,7 @@ class Objective:
 
         agg = entries["aggregation"]
         if self._agg_level == "token":
-            L_tok = L if self._level == "token" or L.dim() == 2 else L[:, None]
+            L_tok = L if L.dim() == 2 else L[:, None]
             if kl_add is not None:
                 L_tok = L_tok + kl_add
             loss = agg(L_tok, info, **opts["aggregation"])
@@ -335,78 +336,32 @@ class Objective:
             loss = agg(L_seq, info, **opts["aggregation"])
         if kl_extra is not None:
             loss = loss + kl_extra
+        ent = None
+        if entropy is not None and self.entropy_coef > 0:  # entropy bonus: - coef * H, H by the same aggregation
+            ent = entropy_term(torch.where(info.mask_bool, entropy.to(cd), 0.0), agg, self._agg_level, info,
+                               opts["aggregation"])
+            loss = loss - self.entropy_coef * ent
 
-        metrics = self._metrics(x, w, shaped, info, kl_tok, n_dropped, corr)
-        details = self._details(x, w, shaped, info, kl_tok, corr) if return_details else None
+        metrics = call_metrics(self, x, w, shaped, info, kl_tok, n_dropped, corr, keep, ent)
+        details = call_details(self, x, w, shaped, info, kl_tok, corr) if return_details else None
         return ObjectiveOutput(loss, metrics, details)
 
-    @torch.no_grad()
-    def _metrics(self, x, w, shaped, info, kl_tok, n_dropped, corr=None):
-        level = self._level
-        xv = x.detach()
-        mb = info.mask_bool if level == "token" else info.seq_valid
-        m = info.mask if level == "token" else info.seq_valid.to(info.mask.dtype)
-        n = m.sum().clamp_min(1.0)
-        xm = xv * m
-        zero = xm.new_zeros(())
-        wmax = xm.max() if xm.numel() else zero
-        xn = xm * (1.0 / wmax.clamp_min(1e-30))  # scaled to <= 1: sum of squares cannot overflow
-        s1n = xn.sum()
 
-        def count(c):  # valid elements where the bool mask c is set
-            return torch.count_nonzero(c & mb).to(xm.dtype) if c is not None else zero
-
-        low, high = count(shaped.clipped_low), count(shaped.clipped_high)
-        vals = [low / n, high / n, s1n * wmax / n, wmax, s1n * s1n / (n * (xn * xn).sum()).clamp_min(1e-30)]
-        keys = ["clip_frac_low", "clip_frac_high", "weight_mean", "weight_max", "ess"]
-        if shaped.clipped_dual is not None:
-            vals.append(count(shaped.clipped_dual) / n)
-            keys.append("dual_clip_frac")
-        if kl_tok is not None:
-            vals.append((kl_tok.detach() * info.mask).sum() / info.mask.sum().clamp_min(1.0))
-            keys.append("kl")
-        floats = {}
-        for k, v in {**(w.metrics or {}), **(corr.metrics if corr else {})}.items():  # weight's, mismatch
-            if isinstance(v, torch.Tensor):
-                vals.append(v.detach().to(xm.dtype).reshape(()))
-                keys.append(k)
-            else:
-                floats[k] = float(v)
-        out = dict(zip(keys, torch.stack(vals).tolist()))
-        out.update(floats)
-        out["clip_frac"] = out["clip_frac_low"] + out["clip_frac_high"]
-        if self.nonfinite == "mask":
-            out["nonfinite_dropped"] = float(n_dropped)
-        if self.per_position_metrics:
-            clipped = _clipped_by_token(xv, shaped, level, info)
-            out["clip_frac_by_position"] = (clipped.sum(0) / info.mask.sum(0).clamp_min(1.0)).tolist()
-        return out
-
-    @torch.no_grad()
-    def _details(self, x, w, shaped, info, kl_tok, corr=None) -> ObjectiveDetails:
-        xv = x.detach()
-        mb = info.mask_bool if self._level == "token" else info.seq_valid
-
-        def valid(c):
-            return None if c is None else torch.broadcast_to(c, xv.shape) & mb
-
-        return ObjectiveDetails(
-            weight=xv, log_weight=w.log_w.detach(), level=self._level, mask=info.mask,
-            clipped_low=valid(shaped.clipped_low), clipped_high=valid(shaped.clipped_high),
-            clipped_dual=valid(shaped.clipped_dual), clipped_by_token=_clipped_by_token(xv, shaped, self._level, info),
-            token_kl=None if kl_tok is None else kl_tok.detach(), correction=None if corr is None else corr.c)
-
-
-def _clipped_by_token(xv, shaped, level, info):
-    """(B, T) float 0/1: valid tokens where the low or the high bound is active (a sequence's clip
-    is broadcast to its tokens)."""
-    clipped = torch.zeros_like(xv)
-    for c in (shaped.clipped_low, shaped.clipped_high):
-        if c is not None:
-            clipped = clipped + c
-    if level == "sequence":
-        clipped = clipped[:, None]
-    return clipped * info.mask
+    def _select(self, L, logp, delta, A, shaped, entropy, sampling_logp, info, cd):
+        """(L * keep + extra, keep) of the token selection."""
+        with torch.no_grad():
+            inp = SelectionInputs(logp.detach().to(cd), delta, A if A.dim() == 2 else A[:, None],
+                                  shaped, None if entropy is None else entropy.detach().to(cd), sampling_logp.detach().to(cd))
+        sel = self._entries["token_selection"](inp, info, **self._opts["token_selection"])
+        if sel.keep is not None:
+            keep = sel.keep.detach()
+            if L.dim() == 1:
+                L = L[:, None] if keep.shape[-1] != 1 else L
+                keep = keep.reshape(-1) if keep.shape[-1] == 1 else keep
+            L = L * keep
+        if sel.extra is not None:
+            L = (L if L.dim() == 2 else L[:, None]) + sel.extra
+        return L, sel.keep
 
 
 def objective(name: str, **overrides) -> Objective:

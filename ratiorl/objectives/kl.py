@@ -59,10 +59,47 @@ def k2(logp, ref_logp, token_kl, info):
 
 
 @KL_ESTIMATORS.register("k3", needs_ref_logp=True)
-def k3(logp, ref_logp, token_kl, info):
-    # GRPO's KL (tutorial sec. 6.2): exp(ref - logp) - (ref - logp) - 1 >= 0
+def k3(logp, ref_logp, token_kl, info, *, max_kl=None):
+    # GRPO's KL (tutorial sec. 6.2): exp(ref - logp) - (ref - logp) - 1 >= 0;
+    # max_kl=10 clamps the value (and its gradient) like verl's "low_var_kl"
     d = _log_diff(logp, ref_logp, info)
-    return torch.exp(d) - d - 1.0
+    kl = torch.exp(d) - d - 1.0
+    return kl if max_kl is None else kl.clamp(max=max_kl)
+
+
+@KL_ESTIMATORS.register("abs", needs_ref_logp=True)
+def abs_(logp, ref_logp, token_kl, info):
+    # |log(pi / pi_ref)| (verl kl_penalty="abs")
+    return _log_diff(logp, ref_logp, info).abs()
+
+
+def _straight_through(value, d):
+    # value of one estimator, gradient of k2 = 0.5 d^2 (Schulman 2020: k2's gradient is the unbiased
+    # gradient of KL(pi || pi_ref) under on-policy sampling); verl kl_penalty="<name>+"
+    k2_ = 0.5 * d.square()
+    return k2_ - k2_.detach() + value.detach()
+
+
+@KL_ESTIMATORS.register("k1+", needs_ref_logp=True)
+def k1_plus(logp, ref_logp, token_kl, info):
+    # value k1, gradient k2 (verl "k1+" / "kl+")
+    d = _log_diff(logp, ref_logp, info)
+    return _straight_through(-d, d)
+
+
+@KL_ESTIMATORS.register("k3+", needs_ref_logp=True)
+def k3_plus(logp, ref_logp, token_kl, info, *, max_kl=None):
+    # value k3 (clamped to max_kl if given, verl uses 10), gradient k2 (verl "k3+" / "low_var_kl+")
+    d = _log_diff(logp, ref_logp, info)
+    kl = torch.exp(d) - d - 1.0
+    return _straight_through(kl if max_kl is None else kl.clamp(max=max_kl), d)
+
+
+@KL_ESTIMATORS.register("abs+", needs_ref_logp=True)
+def abs_plus(logp, ref_logp, token_kl, info):
+    # value |k1|, gradient k2 (verl "abs+")
+    d = _log_diff(logp, ref_logp, info)
+    return _straight_through(d.abs(), d)
 
 
 @KL_ESTIMATORS.register("exact", needs_token_kl=True)

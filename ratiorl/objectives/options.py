@@ -13,17 +13,21 @@ from .advantages import ADVANTAGES
 from .aggregate import AGGREGATIONS
 from .kl import KL_ESTIMATORS
 from .mismatch import MISMATCH_LEVELS, MISMATCH_MODES, check_mismatch_options
+from .selection import TOKEN_SELECTIONS
 from .shaping import RULES, SHAPINGS
+from . import surrogates  # noqa: F401  (registers GMPO, DPPO, VESPO and log-prob shapings)
 from .weights import WEIGHTS
 
 # axes with options, in routing order (a flat key goes to every selected entry that declares it)
-AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "advantage", "mismatch_level", "mismatch_mode")
+AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "advantage", "mismatch_level", "mismatch_mode",
+        "token_selection")
 REGISTRIES = {"weight": WEIGHTS, "shaping": SHAPINGS, "rule": RULES, "aggregation": AGGREGATIONS,
               "kl_estimator": KL_ESTIMATORS, "advantage": ADVANTAGES,
-              "mismatch_level": MISMATCH_LEVELS, "mismatch_mode": MISMATCH_MODES}
+              "mismatch_level": MISMATCH_LEVELS, "mismatch_mode": MISMATCH_MODES,
+              "token_selection": TOKEN_SELECTIONS}
 OPTION_FIELDS = tuple(f"{a}_options" for a in AXES)
 SCALARS = ("kl_placement", "beta", "log_ratio_clamp", "nonfinite", "per_position_metrics",
-           "mismatch_normalize", "proximal")
+           "mismatch_normalize", "proximal", "entropy_coef")
 PLAIN_FIELDS = AXES + SCALARS  # fields set directly by objective(**kw) / replace(**kw)
 
 
@@ -124,6 +128,20 @@ def check_values(o: dict) -> None:
     if "normalize_scope" in o:
         v = o["normalize_scope"]
         _bad(v not in ("group", "batch"), f"normalize_scope must be 'group' or 'batch', got {v!r}")
+    for k in ("log_clip_low", "log_clip_high", "div_low", "div_high", "clip_cov_ratio", "kl_cov_ratio",
+              "lambda_pos", "lambda_neg", "dro_beta", "ppo_kl_coef"):
+        if k in o:
+            _bad(not o[k] >= 0, f"{k} must be >= 0, got {o[k]}")
+    if "trunc_c" in o:
+        _bad(not o["trunc_c"] > 0, f"trunc_c must be > 0, got {o['trunc_c']}")
+    if "top_entropy_quantile" in o:
+        v = o["top_entropy_quantile"]
+        _bad(not 0.0 < v <= 1.0, f"top_entropy_quantile must be in (0, 1] (the fraction of tokens kept), got {v}")
+    if "clip_cov_lb" in o:
+        _bad(not o["clip_cov_lb"] < o["clip_cov_ub"], f"clip_cov_lb must be < clip_cov_ub, got {o['clip_cov_lb']}, "
+             f"{o['clip_cov_ub']}")
+    if o.get("max_kl") is not None:
+        _bad(not o["max_kl"] > 0, f"max_kl must be > 0 or None, got {o['max_kl']}")
     if "n" in o or "m" in o:  # DGPO eq. 9-10 exponents
         n, m = o.get("n", 1.0), o.get("m", 1.0)
         _bad(not (n > 0 and m > 0), f"dgpo needs n > 0 and m > 0, got n={n}, m={m}")
@@ -152,6 +170,8 @@ def check_combination(fields: dict, entries: dict, placement) -> None:
         )
     if fields["nonfinite"] not in ("raise", "mask"):
         raise ValueError(f"nonfinite must be 'raise' or 'mask', got {fields['nonfinite']!r}")
+    if not fields["entropy_coef"] >= 0:
+        raise ValueError(f"entropy_coef must be >= 0 (the bonus -entropy_coef * H is subtracted), got {fields['entropy_coef']}")
     if not fields["beta"] >= 0:  # also NaN
         raise ValueError(f"beta must be >= 0, got {fields['beta']}")
     if not fields["log_ratio_clamp"] > 0:

@@ -80,4 +80,33 @@ register_preset("ctpo_fixed", "CTPO with a fixed clip (CTPO Table 3 ablation)", 
                 shaping="dual_clip", clip_low=0.2, clip_high=0.2, dual_clip=3.0,
                 aggregation="token_mean", advantage="group_norm")
 
+# ---- policy losses of verl 0.9.1 and TRL 1.16 (docs/objectives.md, "Coming from verl / coming from TRL") ----
+register_preset("gmpo", "GMPO (Zhao et al. 2025, arXiv:2507.20673 eq. 5; verl loss_mode='geo_mean')",
+                weight="token", shaping="geo_mean", log_clip_low=0.4, log_clip_high=0.4, aggregation="sequence",
+                advantage="group_norm")
+register_preset("dppo_tv", "DPPO-Binary-TV (arXiv:2602.04879; verl loss_mode='dppo_tv')", weight="token",
+                shaping="dppo_tv", div_low=0.2, div_high=0.2, trunc_c=20.0, aggregation="token_mean",
+                advantage="group_norm")
+register_preset("dppo_kl", "DPPO-Binary-KL (arXiv:2602.04879; verl loss_mode='dppo_kl')", weight="token",
+                shaping="dppo_kl", div_low=0.2, div_high=0.2, trunc_c=20.0, aggregation="token_mean",
+                advantage="group_norm")
+register_preset("clip_cov", "Clip-Cov (Cui et al. 2025, arXiv:2505.22617 sec. 4.2; verl loss_mode='clip_cov')",
+                weight="token", **_CLIP, token_selection="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0,
+                clip_cov_ub=5.0, aggregation="token_mean", advantage="group_norm")
+register_preset("kl_cov", "KL-Cov (Cui et al. 2025, arXiv:2505.22617 sec. 4.2; verl loss_mode='kl_cov')",
+                weight="token", shaping="none", token_selection="kl_cov", kl_cov_ratio=2e-4, ppo_kl_coef=1.0,
+                aggregation="token_mean", advantage="group_norm")
+register_preset("luspo", "LUSPO (arXiv:2602.05261; TRL loss_type='luspo')", weight="geometric", shaping="clip",
+                clip_low=3e-4, clip_high=4e-4, aggregation="seq_mean_token_sum", advantage="group_norm")
+register_preset("vespo", "VESPO (arXiv:2602.10693; TRL loss_type='vespo')", weight="token", shaping="gamma",
+                k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, aggregation="token_mean",
+                advantage="group_norm")
+
+# VAPO: clip-higher, token-level loss, length-adaptive GAE for the policy and lambda 1 (Monte Carlo)
+# for the critic's returns; value pretraining (critic.pretrain_steps) and the NLL term on correct
+# samples (train.nll_coef) are trainer settings (examples/vapo.yaml sets both)
+register_preset("vapo", "VAPO (tutorial sec. 7.3; VAPO arXiv 2504.05118)", weight="token", shaping="clip",
+                clip_low=0.2, clip_high=0.28, aggregation="token_mean", advantage="gae_length_adaptive",
+                alpha=0.05, critic_lam=1.0)
+
 __all__ = ["PRESETS", "Preset", "register_preset"]

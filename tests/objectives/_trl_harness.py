@@ -107,8 +107,8 @@ class TRLLoss:
         return self._trainers[key]
 
     @contextlib.contextmanager
-    def _patched_forward(self, trainer, logp: torch.Tensor, calls: list):
-        entropies = torch.zeros_like(logp).detach()
+    def _patched_forward(self, trainer, logp: torch.Tensor, calls: list, entropies=None):
+        entropies = torch.zeros_like(logp).detach() if entropies is None else entropies
 
         def fake_forward(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
             calls.append((tuple(input_ids.shape), int(logits_to_keep)))
@@ -132,6 +132,8 @@ class TRLLoss:
         num_items_in_batch: int | float | None = None,
         prompt_len: int = 4,
         seed: int = 0,
+        entropies: torch.Tensor | None = None,
+        extra_inputs: dict | None = None,
     ) -> torch.Tensor:
         """TRL's `compute_loss` on these tensors, as one training micro-step (no accumulation).
 
@@ -156,12 +158,13 @@ class TRLLoss:
         }
         if ref_logp is not None:
             inputs["ref_per_token_logps"] = ref_logp
+        inputs.update(extra_inputs or {})  # e.g. sampling_per_token_logps for TRL's off-policy mask
         # One optimizer step made of a single micro-batch, on a single process.
         trainer.current_gradient_accumulation_steps = 1
         trainer.model.train()
         assert trainer.accelerator.num_processes == 1
         calls: list = []
-        with self._patched_forward(trainer, logp, calls):
+        with self._patched_forward(trainer, logp, calls, entropies):
             loss = trainer.compute_loss(trainer.model, inputs)
         # TRL asked our stand-in forward for exactly the completion log-probs, once.
         assert calls == [((B, prompt_len + T), T)], calls

@@ -165,9 +165,9 @@ def test_registering_a_new_weight_composes_with_everything():
 def test_presets_and_exports():
     names = ratiorl.available_objectives()
     assert names == sorted(names)
-    assert set(names) == {"reinforce", "ppo", "grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo",
+    assert set(names) >= {"reinforce", "ppo", "grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo",
                           "cispo", "gppo", "ce_gppo", "aspo", "dgpo", "vanilla_is", "snib", "snib_fg", "ctpo",
-                          "ctpo_fixed"}
+                          "ctpo_fixed", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "luspo", "vespo"}
     assert ratiorl.objective("ppo").advantage == "gae"
     assert ratiorl.objective("snib").advantage == "group_mean"
     assert ratiorl.objective("grpo").beta == 0.04 and ratiorl.objective("grpo").kl_estimator == "k3"
