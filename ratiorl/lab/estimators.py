@@ -83,10 +83,37 @@ def library_loss(spec: EstimatorSpec) -> LossFn:
     return loss
 
 
-def library_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str) -> torch.Tensor:
+def library_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str, **inputs) -> torch.Tensor:
+    """``ratiorl.advantages`` on the stacked batches. A method that declares ``needs_mask`` or
+    ``token_level`` (REINFORCE++ and GDPO whiten over the batch, OPO / the optimal baseline read
+    lengths / token stats) runs once per batch (group id), so nothing crosses batches."""
     import ratiorl
+    from ratiorl.objectives import ADVANTAGES
 
-    return ratiorl.advantages(rewards, group_ids, method=method)
+    fn = ADVANTAGES.lookup(method)
+    if not (getattr(fn, "needs_mask", False) or getattr(fn, "token_level", False)):
+        return ratiorl.advantages(rewards, group_ids, method=method, **inputs)
+    K = int(group_ids.max()) + 1
+    G = len(rewards) // K
+    parts = []
+    for k in range(K):
+        sl = slice(k * G, (k + 1) * G)
+        parts.append(ratiorl.advantages(rewards[sl], group_ids[sl], method=method,
+                                        **{n: v[sl] if v is not None else None for n, v in inputs.items()}))
+    return torch.cat(parts)
+
+
+def problem_inputs(problem: Problem, idx: torch.Tensor) -> dict:
+    """The inputs an advantage method may declare, exact on the tabular problem for rows ``idx``:
+    ``mask`` (all ones: fixed length T), ``baseline`` (ReMax: the reward of pi_old's greedy
+    sequence), ``logp`` and ``sum_pi_squared`` of pi_old (the optimal token baseline)."""
+    tree = problem.tree
+    old_probs = torch.softmax(problem.theta_old, -1)
+    greedy = (tree.tokens == old_probs.argmax(-1)[tree.states]).all(1)
+    base = problem.rewards[greedy][0]
+    return {"mask": torch.ones(len(idx), tree.T, dtype=problem.logp.dtype),
+            "baseline": base.expand(len(idx)).clone(), "logp": problem.old_logp[idx],
+            "sum_pi_squared": (old_probs * old_probs).sum(-1)[tree.states[idx]]}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -127,8 +154,10 @@ def token_coefficients(
     mask = torch.ones_like(old_logp)
     if spec.advantage == "token_exact":
         adv = problem.adv_token[idx]
+    elif advantages_fn is not None and advantages_fn is not library_advantages:
+        adv = advantages_fn(problem.rewards[idx], gid, spec.advantage)
     else:
-        adv = (advantages_fn or library_advantages)(problem.rewards[idx], gid, spec.advantage)
+        adv = library_advantages(problem.rewards[idx], gid, spec.advantage, **problem_inputs(problem, idx))
     loss = (loss_fn or library_loss(spec))(logp, old_logp, adv.to(logp.dtype), mask, gid, G, G * T)
     (dlogp,) = torch.autograd.grad(loss, logp)
     return -spec.scale_for(T) * dlogp.detach().to(DTYPE)

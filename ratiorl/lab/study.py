@@ -66,6 +66,13 @@ SEQUENCE_REWARD_ESTIMATORS = [
     EstimatorSpec("gspo_clip", "gspo", dict(_SEQ), scale="T"),
     EstimatorSpec("grpo_clip", "grpo", dict(_TOK)),
     EstimatorSpec("sequence_clip", "vanilla_is", dict(_SEQ)),
+    # the token-level policy gradient with other advantage estimators (docs/objectives.md, "advantages")
+    EstimatorSpec("grpo_rloo", "grpo", dict(weight="token", shaping="none", **_TOK), "rloo"),
+    EstimatorSpec("grpo_reinforce_pp", "grpo", dict(weight="token", shaping="none", **_TOK), "reinforce_pp"),
+    EstimatorSpec("grpo_remax", "grpo", dict(weight="token", shaping="none", **_TOK), "remax"),
+    EstimatorSpec("grpo_opo", "grpo", dict(weight="token", shaping="none", **_TOK), "opo"),
+    EstimatorSpec("grpo_optimal_baseline", "grpo", dict(weight="token", shaping="none", **_TOK),
+                  "optimal_baseline"),
 ]
 
 TOKEN_ADVANTAGE_ESTIMATORS = [

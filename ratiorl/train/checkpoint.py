@@ -243,12 +243,21 @@ def trainer_state(t) -> dict:
                     {k: v.clone() for k, v in t.engine.model.state_dict().items()}),
         "sampler_sync": t.sampler.state_dict(),  # the sampler's policy version and pending lag snapshots
         "critic": t.critic.state_dict() if t.critic is not None else None,
+        "pf_ppo": pf_ppo.state_dict() if (pf_ppo := getattr(t.advantages, "pf_ppo", None)) is not None else None,
         "kl_control": t.kl_control.state_dict(),
         "beta": t.objective.beta,
         "evaluation": t.evaluation.state_dict(),
         "wall_seconds": t.wall_seconds(),
         "config": config_to_dict(t.cfg),
+        # data parallel: every rank's sampling / reward-noise RNG streams and data position (gathered
+        # on every rank, written by rank 0; the entries above are rank 0's); None in one process
+        "ranks": t.dist.gather(rank_state(t)) if t.dist.enabled else None,
     }
+
+
+def rank_state(t) -> dict:
+    """The part of the state that differs between data-parallel ranks."""
+    return {"rng": rng_state(t.generator), "stream": t.stream.state_dict(), "scorer_rng": t.scorer.rng_state()}
 
 
 def restore_trainer(t, state: dict, path: str) -> None:
@@ -262,9 +271,16 @@ def restore_trainer(t, state: dict, path: str) -> None:
         for n, v in state["trainable"].items():
             named[n].copy_(v)
     t.update.load_state_dict(state["update"])
-    t.stream.load_state_dict(state["stream"])
-    set_rng_state(state["rng"], t.generator)
-    t.scorer.set_rng_state(state["scorer_rng"])
+    own = state
+    if state.get("ranks") is not None or t.dist.enabled:  # each rank continues its own streams
+        saved = len(state.get("ranks") or [None])
+        if saved != t.dist.world_size:
+            raise ValueError(f"checkpoint {path} was written by {saved} data-parallel rank(s); resume it with the "
+                             f"same number (torchrun --nproc-per-node {saved}), not {t.dist.world_size}")
+        own = state["ranks"][t.dist.rank]
+    t.stream.load_state_dict(own["stream"])
+    set_rng_state(own["rng"], t.generator)
+    t.scorer.set_rng_state(own["scorer_rng"])
     if t.engine is not t.eval_engine:
         if state["sampler"] is not None:
             t.engine.model.load_state_dict(state["sampler"])
@@ -274,6 +290,8 @@ def restore_trainer(t, state: dict, path: str) -> None:
         t.sampler.load_state_dict(state["sampler_sync"])
     if t.critic is not None:
         t.critic.load_state_dict(state["critic"])
+    if getattr(t.advantages, "pf_ppo", None) is not None and state.get("pf_ppo") is not None:
+        t.advantages.pf_ppo.load_state_dict(state["pf_ppo"])  # PF-PPO's resampling stream
     t.kl_control.load_state_dict(state["kl_control"])
     t.set_objective(t.objective.replace(beta=float(state["beta"])))
     t.evaluation.load_state_dict(state["evaluation"])

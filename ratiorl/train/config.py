@@ -54,7 +54,7 @@ from .config_schema import (
 )
 
 # objective axes that can be swapped from the config; all but kl_placement take <axis>_options
-OBJECTIVE_AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "kl_placement")
+OBJECTIVE_AXES = ("weight", "shaping", "rule", "aggregation", "kl_estimator", "kl_placement", "token_selection")
 
 
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[Iterable[str]] = None) -> TrainConfig:

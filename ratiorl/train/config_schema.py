@@ -92,6 +92,8 @@ class ObjectiveConfig:
     kl_estimator: Optional[str] = None
     kl_estimator_options: dict = field(default_factory=dict)
     kl_placement: Optional[str] = None
+    token_selection: Optional[str] = None  # which tokens train: none | top_entropy | opsm | clip_cov | kl_cov
+    token_selection_options: dict = field(default_factory=dict)
     advantage: Optional[str] = None  # None = the preset's default (obj.advantage)
     advantage_options: dict = field(default_factory=dict)  # e.g. {gamma: 1.0, lam: 0.95}
     kl_controller: str = "fixed"  # fixed | primal_dual | adaptive
@@ -110,6 +112,7 @@ class CriticConfig:
     value_clip: float = 0.2  # PPO value clipping (0 = off)
     kl_coef: float = 0.05  # in-reward KL penalty coefficient (per token, k1 vs reference)
     whiten_advantages: bool = True  # normalise GAE advantages over the batch's tokens
+    pretrain_steps: int = 0  # VAPO value pretraining: critic-only steps on Monte Carlo returns before step 1
 
 
 @dataclass
@@ -134,6 +137,12 @@ class TrainLoopConfig:
     count_scope: str = "rollout"  # num_tokens/num_sequences of the whole rollout | "mini_batch"
     dynamic_sampling: bool = False  # DAPO: drop groups with zero reward variance and refill
     max_sampling_tries: int = 4  # rollouts per step at most when refilling
+    nll_coef: float = 0.0  # VAPO: coef x NLL of the samples whose reward >= nll_threshold (0 = off)
+    nll_threshold: float = 1.0
+    pf_ppo: Optional[str] = None  # PF-PPO resampling by reward: pow | max_min | max_random (None = off)
+    pf_ppo_pow: float = 2.0  # the power of |R| for pf_ppo=pow
+    # under torchrun: ddp (full model per rank, gradients summed over ranks) | fsdp (not implemented)
+    parallel: str = "ddp"
 
 
 @dataclass

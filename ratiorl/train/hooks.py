@@ -4,7 +4,8 @@ A hook has any of ``before_run(trainer)``, ``after_step(trainer, batch, metrics)
 metrics) and ``after_run(trainer)``, plus ``state_dict()`` / ``load_state_dict(state)`` when it
 holds state that a checkpoint must restore. ``Trainer.step`` runs ``trainer.hooks`` (the KL
 controller); ``Trainer.run`` adds the run hooks, in this order: evaluation, logging,
-checkpoints, plots.
+checkpoints, plots. Under data parallel (torchrun) the run hooks run on rank 0 only, except those
+with ``all_ranks = True`` (checkpoints: every rank hands over its RNG streams, rank 0 writes).
 
 Collectors (``OneDraw``, ``DynamicSampling``) decide how a step's batch is drawn from the
 ``sample`` and ``score`` stages.
@@ -137,6 +138,8 @@ class Logging:
 
 class Checkpointing:
     """A checkpoint every ``checkpoint.every`` steps (the final one is written by ``run``)."""
+
+    all_ranks = True  # a collective under torchrun (``Trainer.save_checkpoint`` gathers, rank 0 writes)
 
     def __init__(self, every: int, total_steps: int):
         self.every, self.total = every, total_steps

@@ -34,6 +34,7 @@ from ratiorl.objectives import ADVANTAGES, KL_ESTIMATORS
 from ratiorl.report.sinks import MetricsLogger, truncate_jsonl
 
 from . import hooks as H
+from .distributed import NullLogger, init_distributed
 from .build import (build_controller, build_objective, build_optimizer, build_policy, build_scorer, build_task,
                     ensure_model)
 from .checkpoint import (latest_checkpoint, load_newest_state, restore_trainer, save_checkpoint, seed_everything,
@@ -41,7 +42,7 @@ from .checkpoint import (latest_checkpoint, load_newest_state, restore_trainer, 
 from .config import TrainConfig
 from .prompts import render_task
 from .run_dir import prepare_run_dir
-from .stages.advantages import CriticAdvantages, GroupAdvantages
+from .stages.advantages import build_advantages
 from .stages.report import Report
 from .sampler import LaggingSampler, mismatch_sources, old_logp_source
 from .stages.sample import PromptStream, Sample
@@ -61,7 +62,8 @@ class Trainer:
         from ratiorl.rollout import HFRolloutEngine  # noqa: PLC0415
 
         self.cfg = cfg = config
-        self.console = console or Console(stderr=True)
+        self.dist = init_distributed(cfg)  # torchrun: this rank's place; else one rank (distributed.py)
+        self.console = (console or Console(stderr=True)) if self.dist.is_main else Console(stderr=True, quiet=True)
         self.t_start, self.wall_before = time.perf_counter(), 0.0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -87,7 +89,7 @@ class Trainer:
             needs_critic and cfg.critic.kl_coef > 0)
 
         # ---- policy, reference, sampler
-        model_path = ensure_model(cfg, self.console)
+        model_path = self.dist.on_main(ensure_model, cfg, self.console)  # rank 0 builds a missing warm start
         self.policy = build_policy(cfg, model_path, needs_reference=kl_active or need_ref_logp)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
         self.task = render_task(self.task, self.tokenizer, cfg.task)  # chat template, system prompt
@@ -95,7 +97,7 @@ class Trainer:
         # the sampler (mu): the policy's own model, or a copy in rollout.dtype lagging by policy_lag updates
         self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine, HFRolloutEngine)
         self.engine = self.sampler.engine
-        self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed)  # sampling stream
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + self.dist.rank)  # sampling
 
         # ---- the five stages
         sources = mismatch_sources(cfg.rollout, next(self.model.parameters()).dtype)
@@ -103,26 +105,18 @@ class Trainer:
         forward = self.old_logp_source == "forward"
         self.stream = PromptStream(self.task.train, cfg.seed)
         self.sample = Sample(self.engine, self.stream, cfg.rollout, self.generator, self.policy if forward else None,
-                             version=lambda: self.sampler.version)
+                             version=lambda: self.sampler.version, shard=(self.dist.rank, self.dist.world_size))
         self.score = Score(self.scorer, self.task.check, cfg.reward, cfg.rollout.max_new_tokens)
         self.collector = (H.DynamicSampling(cfg.train.max_sampling_tries) if cfg.train.dynamic_sampling
                           else H.OneDraw())
-        self.critic = None
-        adv_options = obj.options("advantage")
-        if needs_critic:
-            from .critic import Critic  # noqa: PLC0415
-
-            self.critic = Critic(self.policy.name_or_path or model_path, self.policy.device, cfg.critic)
-            self.advantages = CriticAdvantages(self.policy, self.critic, obj.advantage, adv_options, cfg.critic,
-                                               need_ref_logp)
-        else:
-            self.advantages = GroupAdvantages(self.policy, obj.advantage, adv_options, need_ref_logp)
+        # the method's declared needs pick the stage: critic (+ value pretraining), greedy baseline, ...
+        self.advantages, self.critic, auxiliary = build_advantages(self, obj, need_ref_logp, model_path)
         self.params = self.policy.trainable_parameters()
         self.optimizer, self.scheduler = build_optimizer(cfg, self.params)
         self.update = Update(self.policy, obj, self.optimizer, self.scheduler, cfg,
-                             auxiliary=[self.critic] if self.critic is not None else [],
+                             auxiliary=auxiliary,
                              after_update=self.sampler.after_update, measure_token_kl=self.measure_token_kl,
-                             measure_mismatch=forward and bool(sources))
+                             measure_mismatch=forward and bool(sources), dist=self.dist)
         self.report = Report(_diagnostics() if cfg.logging.diagnostics else None, self.console)
 
         # ---- hooks and the state a checkpoint restores
@@ -133,13 +127,14 @@ class Trainer:
         self._stop_requested, self._bar = False, None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), self.step_count)
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard,
-                                    purge_step=self.step_count + 1 if resume_from else None)
+            self.dist.on_main(truncate_jsonl, os.path.join(self.run_dir, "metrics.jsonl"), self.step_count)
+        self.logger = NullLogger() if not self.dist.is_main else MetricsLogger(
+            self.run_dir, tensorboard=cfg.logging.tensorboard, purge_step=self.step_count + 1 if resume_from else None)
 
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Optional[str]:
         """A used folder needs resume (same config, up to safe keys) or overwrite (moved aside)."""
-        return prepare_run_dir(self.cfg, self.run_dir, self.ckpt_dir, resume, overwrite, self.console.print)
+        return self.dist.on_main(prepare_run_dir, self.cfg, self.run_dir, self.ckpt_dir, resume, overwrite,
+                                 self.console.print)  # rank 0 decides; the others follow
 
     def set_objective(self, objective) -> None:
         """Swap the objective (the KL controller does this when it moves beta)."""
@@ -154,7 +149,7 @@ class Trainer:
         """One rollout batch through the five stages, then the step hooks. Returns the metrics."""
         t0 = time.perf_counter()
         self.model.train(False)  # no dropout in RL (the sampler's log-probs would not match)
-        batch = self.collector.collect(self.draw, self.cfg.rollout.prompts_per_step)  # sample, score
+        batch = self.collector.collect(self.draw, self.cfg.rollout.prompts_per_step // self.dist.world_size)
         t_collect = time.perf_counter()
         batch = self.advantages(batch)
         batch = self.update(batch)
@@ -163,7 +158,7 @@ class Trainer:
         extra = {"lr": float(self.scheduler.get_last_lr()[0]), "beta": float(self.objective.beta),
                  "updates": float(self.update.updates), "data/epoch": float(self.stream.epoch),
                  "time/update": t_update - t_collect, "time/step": t_update - t0}
-        metrics = self.report(batch, self.objective, extra)
+        metrics = self.dist.reduce_metrics(self.report(batch, self.objective, extra))  # over ranks
         for hook in self.hooks:
             hook.after_step(self, batch, metrics)
         self.last_batch = batch
@@ -188,12 +183,13 @@ class Trainer:
         self.last_step = cfg.train.steps if until is None else min(until, cfg.train.steps)
         old_handler = _install_sigint(self._on_sigint)
         try:
-            with StepProgress(total=cfg.train.steps, start=self.step_count, enabled=cfg.logging.progress,
-                              console=self.console) as self._bar:
+            with StepProgress(total=cfg.train.steps, start=self.step_count,
+                              enabled=cfg.logging.progress and self.dist.is_main, console=self.console) as self._bar:
                 run_hooks = [self.evaluation, H.Logging(self._bar, cfg.logging.console_every, self.evaluation),
                              H.Checkpointing(cfg.checkpoint.every, cfg.train.steps)]
                 if cfg.logging.plots:
                     run_hooks.append(H.Plots(self.run_dir, self.report.diagnostics, cfg.rollout.max_new_tokens))
+                run_hooks = [h for h in run_hooks if self.dist.is_main or getattr(h, "all_ranks", False)]
                 for hook in run_hooks:
                     getattr(hook, "before_run", lambda t: None)(self)
                 while self.step_count < self.last_step and not self._stop_requested:
@@ -212,11 +208,11 @@ class Trainer:
         path = self.save_checkpoint()
         if self._stop_requested:
             self.console.print(f"[yellow]stopped at step {self.step_count}; checkpoint {path}; continue with --resume[/]")
-        if finished and cfg.checkpoint.save_final_model:
+        if finished and cfg.checkpoint.save_final_model and self.dist.is_main:
             self.policy.save_pretrained(os.path.join(self.run_dir, "model"))
         for hook in run_hooks:
             getattr(hook, "after_run", lambda t: None)(self)
-        return write_summary(cfg, self.run_dir, self.evaluation.before, self.evaluation.last,
+        return self.dist.on_main(write_summary, cfg, self.run_dir, self.evaluation.before, self.evaluation.last,
                              steps=self.step_count, finished=finished, wall_seconds=self.wall_seconds(),
                              advantage=self.objective.advantage,
                              num_eval_prompts=min(cfg.eval.num_prompts, len(self.task.eval)))
@@ -238,12 +234,15 @@ class Trainer:
         return trainer_state(self)
 
     def save_checkpoint(self) -> str:
+        state = self.state_dict()  # under torchrun every rank takes part (its RNG streams); rank 0 writes
+
         def write(d: str) -> None:
             if self.cfg.checkpoint.save_hf:
                 self.policy.save_pretrained(os.path.join(d, "model"))
-            torch.save(self.state_dict(), os.path.join(d, "state.pt"))
+            torch.save(state, os.path.join(d, "state.pt"))
 
-        return save_checkpoint(self.ckpt_dir, self.step_count, write, keep_last=self.cfg.checkpoint.keep_last)
+        return self.dist.on_main(save_checkpoint, self.ckpt_dir, self.step_count, write,
+                                 keep_last=self.cfg.checkpoint.keep_last)
 
     def load_checkpoint(self, path: str) -> None:
         # weights_only=True; a checkpoint that fails to load falls back to the previous one
@@ -256,6 +255,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.dist.close()
 
 
 def _install_sigint(handler):

@@ -44,11 +44,13 @@ def _read(path):
         return [json.loads(line) for line in f]
 
 
-def test_resume_equals_straight_run(make_config, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"objective.name": "grpo", "train.pf_ppo": "pow"}], ids=["snib", "pf_ppo"])
+def test_resume_equals_straight_run(make_config, tmp_path, extra):
     # off-policy (2 mini-batches, lagging sampler), a schedule, a reference model with exact KL,
-    # reward noise (its own RNG) and eval: everything a checkpoint must restore
+    # reward noise (its own RNG) and eval: everything a checkpoint must restore (and PF-PPO's resampling stream)
     kw = {"objective.name": "snib", "train.steps": 4, "train.mini_batches": 2, "rollout.sync_every": 3,
-          "optim.schedule": "cosine", "optim.warmup_steps": 2, "eval.every": 2, "objective.kl_controller": "primal_dual"}
+          "optim.schedule": "cosine", "optim.warmup_steps": 2, "eval.every": 2, "objective.kl_controller": "primal_dual",
+          **extra}
     straight = make_config(out_dir=str(tmp_path / "straight"), **kw)
     s1 = train(straight)
 
@@ -267,3 +269,17 @@ def test_kl_controllers_move_beta(make_config, controller):
     assert m["kl"] > 0 and m["beta"] == b1 and t.objective.beta > b1  # KL above target: beta goes up
     with pytest.raises(ValueError, match="objective.beta > 0"):
         Trainer(make_config(**{"objective.name": "bnpo", "objective.kl_controller": "adaptive"}))
+
+
+def test_entropy_reaches_the_objective(make_config):
+    # an entropy bonus and top-entropy token selection need the policy's per-token entropy
+    cfg = make_config(**{"objective.name": "dapo", "objective.token_selection": "top_entropy",
+                         "objective.token_selection_options": "{top_entropy_quantile: 0.5}",
+                         "objective.entropy_coef": 0.01})
+    t = Trainer(cfg)
+    try:
+        m = t.step()
+    finally:
+        t.close()
+    assert 0.3 < m["objective/selection_keep_frac"] < 0.7  # about half of the tokens train
+    assert m["objective/entropy"] == pytest.approx(m["entropy"], rel=1e-4)  # the bonus saw the same entropy

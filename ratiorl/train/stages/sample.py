@@ -19,6 +19,8 @@ import torch
 
 from ratiorl.rollout import Rollout
 
+from ..distributed import shard_prompts
+
 
 class PromptStream:
     """The training examples in a seeded shuffle, epoch after epoch; its position is checkpointed."""
@@ -59,17 +61,22 @@ class Sample:
     ``old_logp_scorer``: a Policy whose ``completion_stats`` gives log pi_old (the trainer's policy:
     the sample stage runs before the step's first update), or None for ``old_logp = behaviour_logp``.
     ``version``: a callable returning the policy version of the sampler's weights, or None.
+    ``shard``: ``(rank, world_size)`` under data parallel: a call for ``n`` prompts takes the
+    ``n * world_size`` prompts a single process would take and keeps slice ``rank`` of them.
     """
 
     def __init__(self, engine, stream: PromptStream, rollout_cfg, generator: torch.Generator, old_logp_scorer=None,
-                 version=None):
+                 version=None, shard: tuple = (0, 1)):
         self.engine, self.stream, self.cfg, self.generator = engine, stream, rollout_cfg, generator
         self.old_logp_scorer = old_logp_scorer
         self.version = version
+        self.shard = shard
 
     def __call__(self, n_prompts: int) -> Rollout:
         r = self.cfg
-        examples = self.stream.take(n_prompts)
+        rank, world = self.shard
+        examples = shard_prompts(self.stream.take(n_prompts * world), rank, world) if world > 1 else \
+            self.stream.take(n_prompts)
         t0 = time.perf_counter()
         batch = self.engine.generate([e["prompt"] for e in examples], r.num_generations,
                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature,

@@ -16,7 +16,10 @@ row weights).
 The batch is always split ON GROUP BOUNDARIES (a self-normalised weight needs its whole group),
 each mini-batch again into ``grad_accum`` micro-batches, and every micro-batch loss uses the
 global token and sequence counts (of the whole rollout by default, ``train.count_scope``), so
-the accumulated gradient is exactly the gradient of the un-split loss.
+the accumulated gradient is exactly the gradient of the un-split loss. Under data parallel
+(``dist``, ratiorl/train/distributed.py) the counts are summed over ranks before the loss and the
+gradients summed over ranks before clipping, so the update is the single-process update on the
+union of the ranks' batches; ``loss`` and the micro-batch metrics are reduced over ranks too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import math
 import torch
 
 from ratiorl.rollout import Rollout
+
+from ..distributed import LOCAL
 
 
 def weighted_means(rows: list, weights: list) -> dict:
@@ -52,10 +57,13 @@ class Update:
     """``Update(policy, objective, optimizer, scheduler, cfg, auxiliary=[critic], after_update=sync)(batch)``."""
 
     def __init__(self, policy, objective, optimizer, scheduler, cfg, auxiliary=(), after_update=None,
-                 measure_token_kl: bool = False, measure_mismatch: bool = False):
+                 measure_token_kl: bool = False, measure_mismatch: bool = False, dist=None):
         self.policy, self.objective, self.optimizer, self.scheduler = policy, objective, optimizer, scheduler
+        # data parallel (ratiorl/train/distributed.py): global counts, gradients summed over ranks
+        self.dist = dist if dist is not None else LOCAL
         self.cfg = cfg
         self.params = policy.trainable_parameters()
+        self.dist.broadcast_parameters(self.params)  # every rank starts from rank 0's weights
         self.auxiliary = list(auxiliary)  # extra loss terms with their own optimizers (the critic)
         self.after_update = after_update  # called with the update count (sampler weight sync)
         self.measure_token_kl = measure_token_kl  # full-vocabulary KL per token (exact estimator, or observed
@@ -73,6 +81,8 @@ class Update:
         old_logp, extra = mb.old_logp, {}
         if getattr(obj, "needs_behaviour_logp", False):
             extra["behaviour_logp"] = mb.behaviour_logp
+        if getattr(obj, "needs_entropy", False):  # entropy bonus, entropy-based token selection
+            extra["entropy"] = stats.entropy
         if getattr(obj, "needs_policy_versions", False):  # pi_old interpolated by the objective
             old_logp = None
             extra.update(behaviour_version=mb.behaviour_version, policy_version=self.step_version)
@@ -93,8 +103,9 @@ class Update:
             d = (mb.ref_logp - stats.logp.detach()) * m
             metrics["kl"] = float(((d.exp() - d - 1) * m).sum() / ntok)  # k3
         metrics["policy_loss"] = float(loss.detach())
-        for aux in self.auxiliary:
-            aux_loss, aux_metrics = aux.loss(mb, num_tokens)
+        for aux in self.auxiliary:  # a term declaring uses_policy_logp (VAPO's NLL) gets log pi_theta
+            aux_loss, aux_metrics = (aux.loss(mb, num_tokens, stats.logp) if getattr(aux, "uses_policy_logp", False)
+                                     else aux.loss(mb, num_tokens))
             loss = loss + aux_loss
             metrics.update(aux_metrics)
         return loss, metrics, stats.logp.detach()
@@ -121,6 +132,8 @@ class Update:
     def __call__(self, batch: Rollout) -> Rollout:
         cfg = self.cfg
         self.step_version = self.updates
+        for aux in self.auxiliary:  # rollout-wide counts of an auxiliary term (VAPO's NLL)
+            getattr(aux, "begin", lambda b: None)(batch)
         groups = batch.groups()
         mini = [c.tolist() for c in torch.tensor_split(torch.tensor(groups), min(cfg.train.mini_batches, len(groups)))]
         mask = batch.completion_mask
@@ -136,6 +149,7 @@ class Update:
                 else:
                     rows = batch.rows_of_groups(mb_groups)
                     num_tokens, num_sequences = float(mask[rows].sum()), float(len(rows))
+                num_tokens, num_sequences = self.dist.sum_floats([num_tokens, num_sequences])  # over ranks
                 self.optimizer.zero_grad(set_to_none=True)
                 for aux in self.auxiliary:
                     aux.zero_grad()
@@ -147,6 +161,10 @@ class Update:
                     policy_logp[rows] = 0.0
                     policy_logp[rows, : logp.shape[1]] = logp.float()
                     update_index[rows] = n_update
+                self.dist.sync_gradients(self.params)  # summed: each rank's loss is its share of the global one
+                for aux in self.auxiliary:  # an auxiliary term's own model (the critic's ``model``)
+                    self.dist.sync_gradients(aux.model.parameters() if self.dist.enabled else ())
+                loss_total = self.dist.sum_floats([loss_total])[0]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 finite = math.isfinite(grad_norm)
                 if finite:  # a non-finite gradient skips the update (and is counted)
@@ -160,7 +178,8 @@ class Update:
                 if self.after_update is not None:
                     self.after_update(self.updates)
         batch.policy_logp, batch.update_index = policy_logp, update_index
-        m = weighted_means(micro_metrics, micro_weights)
+        m = (self.dist.weighted_means(micro_metrics, micro_weights) if self.dist.enabled
+             else weighted_means(micro_metrics, micro_weights))
         m["loss"] = sum(u["loss"] for u in update_metrics) / len(update_metrics)
         m["grad_norm"] = sum(u["grad_norm"] for u in update_metrics) / len(update_metrics)
         m["skipped_updates"] = sum(u["skipped"] for u in update_metrics)
