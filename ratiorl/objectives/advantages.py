@@ -57,17 +57,29 @@ def none(rewards, index, G, values=None, mask=None):
 
 
 @ADVANTAGES.register("group_mean", needs_groups=True)
-def group_mean(rewards, index, G, values=None, mask=None):
+def group_mean(rewards, index, G, values=None, mask=None, *, singleton: str = "zero"):
     # A_i = R_i - mean_g R (SNIB Alg. 1 line 4; Dr.GRPO, tutorial sec. 7.1)
     g = Groups(rewards, index, G)
-    return g.zero_constant(g.centered())
+    return _singletons(g, g.zero_constant(g.centered()), rewards, 1.0, singleton)
 
 
 @ADVANTAGES.register("group_norm", needs_groups=True)
-def group_norm(rewards, index, G, values=None, mask=None, *, eps: float = 1e-4):
+def group_norm(rewards, index, G, values=None, mask=None, *, eps: float = 1e-4, singleton: str = "zero"):
     # GRPO (tutorial sec. 6.1): A_i = (R_i - mean_g R) / (std_g R + eps), sample std, eps = 1e-4 (TRL)
     g = Groups(rewards, index, G)
-    return g.zero_constant(g.centered() / (g.std()[index] + eps))
+    return _singletons(g, g.zero_constant(g.centered() / (g.std()[index] + eps)), rewards, 1.0 + eps, singleton)
+
+
+def _singletons(g, adv, rewards, scale, singleton):
+    """A group of one has no baseline. ``singleton="zero"`` (ours, TRL's): its advantage is 0.
+    ``"reward"`` (verl's compute_grpo_outcome_advantage): mean 0 and std 1 for that group, so
+    A = R / scale (R, or R / (1 + eps) when normalised)."""
+    if singleton == "zero":
+        return adv
+    if singleton != "reward":
+        raise ValueError(f"singleton must be 'zero' or 'reward', got {singleton!r}")
+    alone = g.count[g.index] == 1
+    return torch.where(alone, rewards / scale, adv)
 
 
 @ADVANTAGES.register("batch_norm", needs_groups=True)

@@ -296,3 +296,22 @@ def test_entries_declare_capabilities():
     assert A["optimal_baseline"].needs_token_stats and A["reinforce_pp"].token_level
     assert all(getattr(A[n], "needs_groups", False) for n in ("opo", "gpg", "grpo_passk", "passk", "gdpo",
                                                                 "reinforce_pp_baseline", "optimal_baseline"))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_groups_of_one_match_verl_with_singleton_reward(verl, norm):
+    # groups of sizes 3, 1, 2, 1: verl gives a lone completion mean 0 and std 1 (A = R / (1 + eps)),
+    # ratiorl's default gives it 0; singleton="reward" (and eps=1e-6) reproduces verl
+    R = torch.tensor([1.0, 0.0, 0.5, 0.7, 0.2, 0.9, -0.4])
+    gid = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    mask = torch.ones(7, 3)
+    v_adv, _ = verl.compute_grpo_outcome_advantage(token_rewards(R, mask), mask, gid.numpy(), epsilon=1e-6,
+                                                   norm_adv_by_std_in_grpo=norm)
+    method, opts = ("group_norm", {"eps": 1e-6}) if norm else ("group_mean", {})
+    ours = ratiorl.advantages(R, gid, method=method, singleton="reward", **opts)
+    torch.testing.assert_close(ours[:, None] * mask, v_adv, atol=1e-5, rtol=1e-5)
+    default = ratiorl.advantages(R, gid, method=method, **opts)
+    assert float(default[3]) == 0.0 and float(default[6]) == 0.0  # ours: no baseline, no signal
+    assert float(ours[3]) == pytest.approx(0.7 / (1 + 1e-6 if norm else 1.0))
+    with pytest.raises(ValueError, match="singleton"):
+        ratiorl.advantages(R, gid, method=method, singleton="mean")
