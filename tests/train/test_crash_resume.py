@@ -2,7 +2,9 @@
 
 The run is ``python -m ratiorl train ... --resume`` in a subprocess with a checkpoint every step;
 each launch is killed (SIGKILL, the whole process group) after a random delay drawn from a seeded
-stream, until the kill budget is spent; then it runs to the end. ``metrics.jsonl`` (minus the
+stream -- half of the launches during start-up or the first steps, half a step or two after their
+first new checkpoint, so that kills land among the steps and checkpoint writes too -- until the kill
+budget is spent; then it runs to the end. ``metrics.jsonl`` (minus the
 ``time/`` and ``throughput/`` keys) and the final weights must equal those of an uninterrupted run.
 """
 
@@ -40,17 +42,29 @@ def _launch(args, log):
                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
 
-def _wait_started(proc, config_path, launched, limit=120.0):
-    """Block until this launch has rewritten config.yaml (imports done, run folder prepared)."""
+def _mtime_ns(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _wait_started(proc, config_path, before, limit=120.0):
+    """Block until this launch has rewritten config.yaml (imports done, run folder prepared): its
+    mtime differs from ``before``, the one it had when the launch began (None: no file yet)."""
     t_end = time.monotonic() + limit
     while time.monotonic() < t_end and proc.poll() is None:
-        try:
-            if os.stat(config_path).st_mtime >= launched:
-                return True
-        except FileNotFoundError:
-            pass
+        now = _mtime_ns(config_path)
+        if now is not None and now != before:
+            return True
         time.sleep(0.01)
     return False
+
+
+def _seconds_per_step(ckpts):
+    """One step (with its checkpoint) of a finished run: the last two checkpoints' completion times."""
+    done = sorted(os.path.join(ckpts, n, "COMPLETE") for n in os.listdir(ckpts) if n.startswith("step_"))
+    return max(os.stat(done[-1]).st_mtime - os.stat(done[-2]).st_mtime, 0.005)
 
 
 def _args(tiny_model_dir, run, steps):
@@ -63,29 +77,40 @@ def kill_and_resume(tiny_model_dir, tmp_path, kills, seed, steps=STEPS):
     log = open(log_path, "ab")
     proc = None
 
-    def run_once(run, delay=None):
-        """One launch; killed ``delay`` seconds after it prepared the run folder (None: to the end).
-        Returns (killed, seconds from the folder being prepared to the exit)."""
+    def run_once(run, delay=None, after_a_step=False):
+        """One launch; killed ``delay`` seconds after it prepared the run folder -- or, with
+        ``after_a_step``, after it wrote its first new checkpoint (None: to the end).
+        Returns (killed, seconds from the folder being prepared to the exit, seconds from the first
+        new checkpoint to the exit)."""
         nonlocal proc
-        launched = time.time() - 1.0  # mtime granularity
+        config_path, ckpts = os.path.join(run, "config.yaml"), os.path.join(run, "checkpoints")
+        before, first_ckpt = _mtime_ns(config_path), latest_checkpoint(ckpts)  # the previous launch's
         proc = _launch(_args(tiny_model_dir, run, steps), log)
-        started = _wait_started(proc, os.path.join(run, "config.yaml"), launched)
+        started = _wait_started(proc, config_path, before)
         t0 = time.monotonic()
+        if after_a_step:  # wait for progress: this kill lands while steps and checkpoints are written
+            while proc.poll() is None and latest_checkpoint(ckpts) == first_ckpt:
+                time.sleep(0.005)
+        t1 = time.monotonic()
         if delay is not None and started:
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
-                return True, time.monotonic() - t0
+                return True, time.monotonic() - t0, time.monotonic() - t1
         rc = proc.wait(timeout=600)
         if rc != 0:
             raise AssertionError(f"run failed with {rc}:\n" + open(log_path).read()[-3000:])
-        return False, time.monotonic() - t0
+        return False, time.monotonic() - t0, time.monotonic() - t1
 
     try:
         straight = str(tmp_path / "straight")
-        _, run_seconds = run_once(straight)  # uninterrupted; its length spreads the kills over a run
+        # uninterrupted; its length spreads the kills over a run
+        _, run_seconds, _ = run_once(straight)
+        _, _, train_seconds = run_once(str(tmp_path / "probe"), delay=1e9, after_a_step=True)
+        step_seconds = _seconds_per_step(os.path.join(straight, "checkpoints"))
+        startup_seconds = max(run_seconds - train_seconds, 0.1)
 
         run = str(tmp_path / "killed")
         ckpts = os.path.join(run, "checkpoints")
@@ -94,9 +119,12 @@ def kill_and_resume(tiny_model_dir, tmp_path, kills, seed, steps=STEPS):
         t0 = time.perf_counter()
         while delivered < kills:
             before = latest_checkpoint(ckpts)
-            done = 0 if before is None else int(os.path.basename(before).split("_")[1])
-            # spread over what is left of the run (its start-up stays in: ~30% of a launch)
-            killed, _ = run_once(run, rng.uniform(0.0, run_seconds * (0.3 + 0.7 * (steps - done) / steps)))
+            if before is not None and int(os.path.basename(before).split("_")[1]) == steps:
+                break  # finished early: the assertions below report the missing kills
+            if rng.random() < 0.5:  # start-up (imports, loading, the checkpoint read) or the first steps
+                killed, _, _ = run_once(run, rng.uniform(0.0, startup_seconds + 3 * step_seconds))
+            else:  # among the steps and checkpoint writes, about 1.5 steps after the first new one
+                killed, _, _ = run_once(run, rng.uniform(0.0, 3 * step_seconds), after_a_step=True)
             launches += 1
             delivered += killed
             in_training += killed and latest_checkpoint(ckpts) != before
@@ -121,7 +149,7 @@ def kill_and_resume(tiny_model_dir, tmp_path, kills, seed, steps=STEPS):
 
 
 def test_sigkill_at_random_points_then_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
-    delivered, launches, in_training, seconds = kill_and_resume(tiny_model_dir, tmp_path, kills=5, seed=0)
+    delivered, launches, in_training, seconds = kill_and_resume(tiny_model_dir, tmp_path, kills=5, seed=0, steps=12)
     assert delivered == 5 and launches >= 6
     assert in_training >= 1  # at least one kill landed after a step's checkpoint
 
@@ -129,6 +157,6 @@ def test_sigkill_at_random_points_then_resume_equals_a_straight_run(tiny_model_d
 @pytest.mark.slow
 def test_a_hundred_sigkills_then_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
     delivered, launches, in_training, seconds = kill_and_resume(tiny_model_dir, tmp_path, kills=100, seed=1,
-                                                               steps=20)
+                                                               steps=200)
     assert delivered == 100 and in_training >= 20
     print(f"100 SIGKILLs: {launches} launches, {in_training} kills after a checkpoint, {seconds:.0f} s")
