@@ -69,7 +69,7 @@ def check_inputs(logp, old_logp, advantages, mask, group_ids, ref_logp, token_kl
             if v.numel() != 1:
                 raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
             v = v.item()  # one sync per call; a zero or NaN count would silently give inf/NaN losses
-        if not v > 0 or v != v or v == float("inf"):
+        if not 0 < v < float("inf"):  # also false for NaN
             raise ValueError(f"{name} must be a finite number > 0 when given, got {v}")
 
 
@@ -77,9 +77,9 @@ def check_mask_values(mask) -> None:
     """A mask holds 0 and 1 only (bool, int or float): no NaN, no soft weights."""
     if mask.dtype == torch.bool:
         return
-    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
-        raise ValueError(f"mask contains NaN at {int(torch.isnan(mask).sum())} position(s); it must hold 0/1 only")
-    bad = (mask != 0) & (mask != 1)
+    bad = (mask != 0) & (mask != 1)  # NaN too: it compares unequal to both
     if bool(bad.any()):
+        if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+            raise ValueError(f"mask contains NaN at {int(torch.isnan(mask).sum())} position(s); it must hold 0/1 only")
         raise ValueError(f"mask must hold 0/1 only, got {int(bad.sum())} other value(s), e.g. "
                          f"{mask[bad].flatten()[0].item()}")

@@ -127,11 +127,19 @@ class Rollout:
     def select_groups(self, groups, renumber: bool = True) -> "Rollout":
         """Whole groups, in the given order; group ids renumbered 0..len(groups)-1 by default."""
         out = self.select(self.rows_of_groups(groups))
-        if renumber:
-            sizes = torch.bincount(torch.unique_consecutive(out.group_ids, return_inverse=True)[1])
-            out.group_ids = torch.arange(len(sizes), device=out.group_ids.device).repeat_interleave(sizes.cpu()).to(
-                out.group_ids.device)
+        if renumber:  # the rows of a group are now contiguous: number the runs 0, 1, ...
+            out.group_ids = torch.unique_consecutive(out.group_ids, return_inverse=True)[1]
         return out
+
+    def group_reward_std(self) -> tuple:
+        """(group ids ascending, the population std of the rewards within each group): a group
+        whose rewards are all equal (std 0) has zero advantage under every group baseline."""
+        ids, index = torch.unique(self.group_ids, return_inverse=True)
+        r = self.rewards
+        count = torch.zeros(len(ids), dtype=r.dtype, device=r.device).index_add(0, index, torch.ones_like(r))
+        mean = torch.zeros_like(count).index_add(0, index, r) / count
+        var = torch.zeros_like(count).index_add(0, index, (r - mean[index]) ** 2) / count
+        return ids, var.sqrt()
 
     def split_by_groups(self, n: int) -> list:
         """At most ``n`` parts of whole groups, as even as ``torch.tensor_split`` makes them; group ids

@@ -34,6 +34,7 @@ which per-rank generation with early stopping does not, so it needs a separate r
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -206,7 +207,7 @@ class NullLogger:
 
 def _finite(v) -> bool:
     try:
-        return torch.isfinite(torch.tensor(float(v))).item()
+        return math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
 

@@ -47,7 +47,9 @@ class DynamicSampling:
             tries += 1
             seen += batch.num_groups
             totals = {k: totals.get(k, 0.0) + v for k, v in batch.counters.items()}  # every draw's cost
-            informative = [g for g in batch.groups() if _varies(batch, g)]
+            ids, std = batch.group_reward_std()
+            varies = {int(g) for g, sd in zip(ids, std) if sd > 1e-6}
+            informative = [g for g in batch.groups() if g in varies]
             if informative:
                 kept.append(batch.select_groups(informative))
                 kept_groups += len(informative)
@@ -59,11 +61,6 @@ class DynamicSampling:
         batch.counters = {**totals, "sampling/tries": float(tries), "sampling/kept_groups": float(batch.num_groups),
                           "sampling/seen_groups": float(seen)}
         return batch
-
-
-def _varies(batch: Rollout, group) -> bool:
-    r = batch.rewards[batch.group_ids == group]
-    return bool(r.std(unbiased=False) > 1e-6)
 
 
 # ----------------------------------------------------------------------------- step hooks

@@ -9,7 +9,6 @@ Adds nothing to the batch.
 
 from __future__ import annotations
 
-import torch
 
 from ratiorl.rollout import Rollout
 
@@ -29,11 +28,7 @@ class Report:
     def __call__(self, batch: Rollout, objective, extra: dict) -> dict:
         lengths = batch.lengths.float()
         rewards = batch.rewards
-        sums = torch.zeros(int(batch.group_ids.max()) + 1).index_add(0, batch.group_ids, rewards)
-        count = torch.zeros_like(sums).index_add(0, batch.group_ids, torch.ones_like(rewards))
-        mean_g = sums / count.clamp(min=1)
-        var_g = torch.zeros_like(sums).index_add(0, batch.group_ids, (rewards - mean_g[batch.group_ids]) ** 2)
-        std_g = (var_g / count.clamp(min=1)).sqrt()[count > 0]
+        _, std_g = batch.group_reward_std()
         c = batch.counters
         m = {
             "reward/mean": float(rewards.mean()),

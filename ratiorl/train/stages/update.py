@@ -33,24 +33,14 @@ from ratiorl.rollout import Rollout
 from ..distributed import LOCAL
 
 
-def weighted_means(rows: list, weights: list) -> dict:
-    """Per key, the mean of the finite values weighted by ``weights`` (keys missing in a row are skipped)."""
-    out = {}
-    for key in sorted({k for r in rows for k in r}):
-        pairs = [(r[key], w) for r, w in zip(rows, weights) if key in r and math.isfinite(r[key])]
-        if pairs:
-            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-    return out
-
-
 def sampler_gap(behaviour_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> dict:
     """Token means of KL(mu || pi_old) by k1 (log mu - log pi_old) and k3 (r - 1 - log r with
     r = pi_old / mu), and of |log mu - log pi_old|, over the tokens of ``mask``."""
-    d = (old_logp - behaviour_logp).double() * mask  # log r
+    d = (old_logp - behaviour_logp).double() * mask  # log r, 0 off the mask
     n = mask.sum().clamp(min=1)
-    return {"sampler/kl_k1": float((-d * mask).sum() / n),
+    return {"sampler/kl_k1": float(-d.sum() / n),
             "sampler/kl_k3": float(((d.exp() - 1 - d) * mask).sum() / n),
-            "sampler/abs_logp_diff": float((d.abs() * mask).sum() / n)}
+            "sampler/abs_logp_diff": float(d.abs().sum() / n)}
 
 
 class Update:
@@ -115,8 +105,8 @@ class Update:
         boundaries). With the same global counts the gradient does not depend on ``n_micro``, and
         summing it over disjoint group sets gives the gradient of their union.
         Returns (summed loss, micro-batch metrics, their row counts, [(rows, logp)])."""
-        part = batch.select_groups(groups, renumber=False)
         starts = batch.rows_of_groups(groups)
+        part = batch.select(starts)  # whole groups, ids kept
         loss_total, metrics, weights, logps, offset = 0.0, [], [], [], 0
         for mb in part.split_by_groups(n_micro):
             loss, mm, logp = self.micro_batch_loss(mb, num_tokens, num_sequences)
@@ -178,8 +168,7 @@ class Update:
                 if self.after_update is not None:
                     self.after_update(self.updates)
         batch.policy_logp, batch.update_index = policy_logp, update_index
-        m = (self.dist.weighted_means(micro_metrics, micro_weights) if self.dist.enabled
-             else weighted_means(micro_metrics, micro_weights))
+        m = self.dist.weighted_means(micro_metrics, micro_weights)  # over every rank's micro-batches
         m["loss"] = sum(u["loss"] for u in update_metrics) / len(update_metrics)
         m["grad_norm"] = sum(u["grad_norm"] for u in update_metrics) / len(update_metrics)
         m["skipped_updates"] = sum(u["skipped"] for u in update_metrics)
@@ -196,4 +185,4 @@ class Update:
         self.updates = int(state["updates"])
 
 
-__all__ = ["Update", "sampler_gap", "weighted_means"]
+__all__ = ["Update", "sampler_gap"]
