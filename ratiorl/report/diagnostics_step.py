@@ -137,7 +137,8 @@ def plot_step(obj, logp, old_logp, advantages, mask, group_ids=None, *, out_dir:
     paths.append(plot_clip_by_position(curve, os.path.join(out_dir, "clip_by_position.png"), labels=[label]))
     clip = obj.option("clip_low")
     hist = weight_histograms(logp, old_logp, mask, group_ids, clip=clip if clip is not None else 0.2)
-    paths.append(plot_weight_histograms(hist, os.path.join(out_dir, "weight_histograms.png")))
+    paths.append(plot_weight_histograms(hist, os.path.join(out_dir, "weight_histograms.png"),
+                                        objective=obj.name, label=label))
     lp, old, _ = _clean(logp, old_logp, mask)
     lp = lp.clone().requires_grad_(True)
     with torch.enable_grad():
@@ -145,7 +146,8 @@ def plot_step(obj, logp, old_logp, advantages, mask, group_ids=None, *, out_dir:
         norms = per_sequence_grad_norms(pg.loss, lp, mask)
     M = int(max_new_tokens)
     by_len = grad_norm_by_length(norms, mask.sum(1), buckets=sorted({max(1, M // 4), max(1, M // 2)}))
-    paths.append(plot_grad_norm_by_length(by_len, os.path.join(out_dir, "grad_norm_by_length.png")))
+    paths.append(plot_grad_norm_by_length(by_len, os.path.join(out_dir, "grad_norm_by_length.png"),
+                                          objective=obj.name, label=label))
     if getattr(obj.entry("shaping"), "uses_rule", False):
         paths.append(plot_gradient_weights([obj], os.path.join(out_dir, "gradient_weight.png")))
     return paths

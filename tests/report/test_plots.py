@@ -65,6 +65,45 @@ def test_html_report(tmp_path):
     a = str(tmp_path / "a")
     _fake_run(a)
     md, html = write_report(a)
-    text = open(md).read()
+    with open(md) as f:
+        text = f.read()
     assert "reward/mean" in text and "eval/avg@k" in text
-    assert "data:image/png;base64" in open(html).read()
+    with open(html) as f:
+        assert "data:image/png;base64" in f.read()
+
+
+def test_html_report_names_the_objective_and_embeds_the_diagnostics(tmp_path):
+    import re
+
+    from ratiorl.report.html import write_report
+    from ratiorl.report.plots import plot_learning_curves
+
+    a = str(tmp_path / "a")
+    _fake_run(a)
+    with open(os.path.join(a, "summary.json"), "w") as f:
+        json.dump({"objective": "grpo", "steps": 5}, f)
+    os.makedirs(os.path.join(a, "plots"))
+    plot_learning_curves(a, os.path.join(a, "plots", "weight_histograms.png"))  # any PNG stands in
+    md, html = write_report(a)
+    with open(html) as f:
+        text = f.read()
+    with open(md) as f:
+        markdown = f.read()
+    assert "<h1>Run report: a (grpo)</h1>" in text
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 2
+    assert "<h2>importance weights</h2>" in text and "](plots/weight_histograms.png)" in markdown
+
+
+def test_compare_keeps_two_runs_of_the_same_name_apart(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    a, b = str(tmp_path / "x" / "seed0"), str(tmp_path / "y" / "seed0")
+    _fake_run(a)
+    _fake_run(b, scale=2.0)
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: seen.append(self))
+    compare_runs([a, b], str(tmp_path / "cmp.png"))
+    gids = {line.get_gid() for ax in seen[0].axes for line in ax.lines}
+    assert len(gids) == 2  # both runs drawn, neither replaced the other
+    plt.close("all")
