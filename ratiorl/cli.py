@@ -5,6 +5,7 @@
     ratiorl eval --model RUN_OR_MODEL [--config CFG] [--task jsonl --task.path F] [--eval.k 8 ...]
     ratiorl demo [--out DIR]                        SFT then RL with snib; accuracy before/after
     ratiorl lab [--out DIR]                         exact-gradient estimator study
+    ratiorl study STUDY.yaml --out DIR [--jobs N]   a grid of runs over seeds, with intervals and a report
     ratiorl compare RUN_DIR... --out PNG            learning curves of several runs in one figure
     ratiorl report RUN_DIR                          markdown + HTML summary of a run
     ratiorl objectives                              the objective presets
@@ -97,6 +98,13 @@ def cmd_lab(args, extra):
     out = run_lab(args.out, seed=args.seed, quick=args.quick, **kw)
     brief = {k: v for k, v in out.items() if k not in ("rows",)}
     print(json.dumps(brief, indent=2, default=str))
+
+
+def cmd_study(args, extra):
+    from ratiorl.study.command import main as study_main  # noqa: PLC0415
+
+    args.overrides = list(args.overrides) + extra  # `ratiorl study X --train.steps 4` as `--set train.steps=4`
+    return study_main(args)
 
 
 def cmd_compare(args, extra):
@@ -207,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="small sweeps (smoke run)")
     s.set_defaults(fn=cmd_lab)
 
+    s = sub.add_parser("study", help="a grid of runs (settings x seeds) compared with confidence intervals",
+                       allow_abbrev=False)
+    from ratiorl.study.command import add_arguments as add_study_arguments  # noqa: PLC0415
+
+    add_study_arguments(s)
+    s.set_defaults(fn=cmd_study)
+
     s = sub.add_parser("compare", help="learning curves of several run folders in one PNG", allow_abbrev=False)
     s.add_argument("runs", nargs="+")
     s.add_argument("--out", default="compare.png")
@@ -253,14 +268,14 @@ def main(argv=None) -> int:
             from ratiorl.train.config import import_plugins  # noqa: PLC0415
 
             import_plugins(args.plugins)
-        args.fn(args, extra)
+        status = args.fn(args, extra)
     except (ValueError, FileNotFoundError) as e:
         print(f"ratiorl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ratiorl {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
