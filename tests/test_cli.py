@@ -154,3 +154,13 @@ def test_python_dash_m_runs_the_cli():
                          check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "steps: 3" in res.stdout
+
+
+def test_demo_seed_seeds_the_warm_start_too(tmp_path):
+    from ratiorl.train.demo import demo_config
+
+    cfg = demo_config(str(tmp_path / "d"), overrides=["--seed", "3"])
+    assert (cfg.seed, cfg.sft.seed) == (3, 3)
+    cfg = demo_config(str(tmp_path / "d"), overrides=["--seed", "3", "--sft.seed", "5"])  # explicit wins
+    assert (cfg.seed, cfg.sft.seed) == (3, 5)
+    assert demo_config(str(tmp_path / "d")).sft.target_accuracy == 0.40  # a fixed quality, not a step count

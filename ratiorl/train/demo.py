@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from .config import TrainConfig, load_config
+from .config_load import parse_overrides
 from .run_dir import holds_run, move_aside
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
@@ -26,7 +27,10 @@ def demo_config(out_dir: str, config_path: Optional[str] = None, overrides: Opti
     path = config_path or DEMO_CONFIG
     if not os.path.exists(path):
         raise ValueError(f"demo config not found: {path} (pass --config examples/demo.yaml from the repository)")
-    cfg = load_config(path, overrides or [])
+    overrides = list(overrides or [])
+    cfg = load_config(path, overrides)
+    if "sft.seed" not in {key for key, _ in parse_overrides(overrides)}:
+        cfg.sft.seed = cfg.seed  # `--seed N` seeds the warm start too: a seed is the whole demo
     cfg.out_dir = out_dir
     cfg.model.path = os.path.join(out_dir, "sft-model")
     return cfg
