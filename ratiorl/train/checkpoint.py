@@ -231,11 +231,16 @@ def trainer_state(t) -> dict:
     optimizer and schedule, data position, sampling and reward-noise RNG streams, a lagging
     sampler's weights, the critic, the KL controller, beta and the evaluation history."""
     from .config import config_to_dict  # noqa: PLC0415
+    from .fsdp import gather_full  # noqa: PLC0415
 
+    trainable = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    update = t.update.state_dict()
+    if getattr(t, "fsdp", None) is not None:  # sharded: full tensors, held by rank 0 only (it writes)
+        trainable, update = gather_full(trainable, t.dist.is_main), gather_full(update, t.dist.is_main)
     return {
         "step": t.step_count,
-        "trainable": {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad},
-        "update": t.update.state_dict(),
+        "trainable": trainable,
+        "update": update,
         "stream": t.stream.state_dict(),
         "rng": rng_state(t.generator),
         "scorer_rng": t.scorer.rng_state(),
@@ -267,9 +272,11 @@ def restore_trainer(t, state: dict, path: str) -> None:
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model (e.g. {missing[0]}); "
                          "resume with the config the run was started with")
+    from .fsdp import shard_like  # noqa: PLC0415
+
     with torch.no_grad():
         for n, v in state["trainable"].items():
-            named[n].copy_(v)
+            named[n].copy_(shard_like(v, named[n]))  # fsdp: this rank's shard of the full tensor
     t.update.load_state_dict(state["update"])
     own = state
     if state.get("ranks") is not None or t.dist.enabled:  # each rank continues its own streams

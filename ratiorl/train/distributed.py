@@ -27,9 +27,12 @@ The contract of a data-parallel step (``train.parallel: ddp``):
   sample-identical to a 1-rank run; one update on a fixed batch is identical (up to float
   summation order). A checkpoint holds every rank's RNG streams; resume with the same N.
 
-``train.parallel: fsdp`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) is accepted by the
-config but not implemented: a sharded model needs every rank to run the same number of forwards,
-which per-rank generation with early stopping does not, so it needs a separate rollout engine.
+``train.parallel: fsdp`` (FSDP2, ratiorl/train/fsdp.py) keeps this contract (prompts, counts,
+summed gradients, metrics, rank 0 writing) and shards the policy's weights, gradients and
+optimizer state over the ranks: the weights are gathered once per step for the rollout and one
+block at a time in the update. :meth:`Dist.sync_gradients` and :meth:`Dist.broadcast_parameters`
+skip sharded (DTensor) parameters: FSDP reduces their gradients itself. Under one process it is
+the single-process run.
 """
 
 from __future__ import annotations
@@ -81,11 +84,12 @@ class Dist:
         return t.tolist()
 
     def sync_gradients(self, params) -> None:
-        """Sum every parameter's gradient over ranks (a missing gradient counts as zeros)."""
+        """Sum every parameter's gradient over ranks (a missing gradient counts as zeros); FSDP-sharded
+        (DTensor) parameters are left to FSDP's own reduce-scatter."""
         if not self.enabled:
             return
         grads = []
-        for p in params:
+        for p in _replicated(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
@@ -98,11 +102,12 @@ class Dist:
                 offset += g.numel()
 
     def broadcast_parameters(self, params) -> None:
-        """Rank 0's values into every rank's parameters (the same start on every rank)."""
+        """Rank 0's values into every rank's parameters (the same start on every rank); sharded
+        parameters are skipped (they were broadcast before sharding)."""
         if not self.enabled:
             return
         with torch.no_grad():
-            for p in params:
+            for p in _replicated(params):
                 dist.broadcast(p.data, src=0)
 
     def keys(self, keys) -> list:
@@ -212,6 +217,13 @@ def _finite(v) -> bool:
         return False
 
 
+def _replicated(params) -> list:
+    """The parameters that every rank holds whole (not FSDP-sharded DTensors)."""
+    from .fsdp import is_sharded  # noqa: PLC0415
+
+    return [p for p in params if not is_sharded(p)]
+
+
 def _buckets(grads: list, numel: int) -> list:
     """Consecutive gradients of one dtype and device, about ``numel`` elements per bucket."""
     out, cur, size = [], [], 0
@@ -239,11 +251,6 @@ def init_distributed(cfg=None, backend: Optional[str] = None) -> Dist:
         parallel = cfg.train.parallel
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
-        if parallel == "fsdp":
-            raise NotImplementedError(
-                "train.parallel=fsdp (FSDP2) is not implemented in ratiorl's trainer: sampling with a sharded "
-                "model needs every rank to run the same forwards; use train.parallel=ddp (a model that fits "
-                "one device), or verl (docs/verl.md) for models that do not")
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", str(rank)))

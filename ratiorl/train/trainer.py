@@ -19,10 +19,14 @@ extends one ``ratiorl.rollout.Rollout``:
 controller is a hook after each step; ``run`` adds evaluation, logging, checkpoints and plots as
 hooks (``ratiorl/train/hooks.py``). ``Trainer(cfg, resume=True)`` restores every part's state
 from the newest checkpoint, so a resumed run continues with exactly the same numbers.
+Under torchrun the ranks split each step's prompts (ratiorl/train/distributed.py); with
+``train.parallel: fsdp`` the policy is sharded (ratiorl/train/fsdp.py) and its weights are
+gathered for the rollout and evaluation (``full_weights``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -35,6 +39,7 @@ from ratiorl.report.sinks import MetricsLogger, truncate_jsonl
 
 from . import hooks as H
 from .distributed import NullLogger, init_distributed
+from .fsdp import FSDPPolicy, GatheringEngine
 from .build import (build_controller, build_objective, build_optimizer, build_policy, build_scorer, build_task,
                     ensure_model)
 from .checkpoint import (latest_checkpoint, load_newest_state, restore_trainer, save_checkpoint, seed_everything,
@@ -95,8 +100,12 @@ class Trainer:
         self.task = render_task(self.task, self.tokenizer, cfg.task)  # chat template, system prompt
         self.eval_engine = HFRolloutEngine(self.model, self.tokenizer)
         # the sampler (mu): the policy's own model, or a copy in rollout.dtype lagging by policy_lag updates
-        self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine, HFRolloutEngine)
+        sharded = cfg.train.parallel == "fsdp" and self.dist.enabled
+        self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine,
+                                      GatheringEngine if sharded else HFRolloutEngine)  # a copy is taken whole
         self.engine = self.sampler.engine
+        # fsdp: the policy sharded in place over the ranks (weights, gradients, optimizer state)
+        self.fsdp = FSDPPolicy(self.policy, self.dist, cfg.rollout.num_generations) if sharded else None
         self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + self.dist.rank)  # sampling
 
         # ---- the five stages
@@ -116,13 +125,14 @@ class Trainer:
         self.update = Update(self.policy, obj, self.optimizer, self.scheduler, cfg,
                              auxiliary=auxiliary,
                              after_update=self.sampler.after_update, measure_token_kl=self.measure_token_kl,
-                             measure_mismatch=forward and bool(sources), dist=self.dist)
+                             measure_mismatch=forward and bool(sources), dist=self.dist, sharding=self.fsdp)
         self.report = Report(_diagnostics() if cfg.logging.diagnostics else None, self.console)
 
         # ---- hooks and the state a checkpoint restores
         self.kl_control = H.KLControl(controller)
         self.hooks = [self.kl_control]
         self.evaluation = H.Evaluation(self.evaluate, cfg.eval, cfg.train.steps)
+        self.evaluation.all_ranks = self.fsdp is not None  # gathering the weights takes every rank
         self.step_count, self.last_step, self.last_batch = 0, cfg.train.steps, None
         self._stop_requested, self._bar = False, None
         if resume_from is not None:
@@ -149,9 +159,10 @@ class Trainer:
         """One rollout batch through the five stages, then the step hooks. Returns the metrics."""
         t0 = time.perf_counter()
         self.model.train(False)  # no dropout in RL (the sampler's log-probs would not match)
-        batch = self.collector.collect(self.draw, self.cfg.rollout.prompts_per_step // self.dist.world_size)
-        t_collect = time.perf_counter()
-        batch = self.advantages(batch)
+        with self.full_weights():  # the rollout: sampling, rewards, old / reference log-probs, advantages
+            batch = self.collector.collect(self.draw, self.cfg.rollout.prompts_per_step // self.dist.world_size)
+            t_collect = time.perf_counter()
+            batch = self.advantages(batch)
         batch = self.update(batch)
         t_update = time.perf_counter()
         self.step_count += 1
@@ -170,9 +181,24 @@ class Trainer:
 
         cfg, e = self.cfg, self.cfg.eval
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature
-        return evaluate_engine(self.eval_engine, self.task.eval[: e.num_prompts], reward_judge(self.scorer, e), k=e.k,
-                               temperature=temp, top_p=cfg.rollout.top_p,
-                               max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, greedy=e.greedy)
+        args = (evaluate_engine, self.eval_engine, self.task.eval[: e.num_prompts], reward_judge(self.scorer, e))
+        kw = dict(k=e.k, temperature=temp, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                  seed=cfg.seed, greedy=e.greedy)
+        if self.fsdp is None:
+            return args[0](*args[1:], **kw)
+        with self.full_weights():  # every rank gathers, rank 0 evaluates, all get its numbers
+            return self.dist.on_main(*args, **kw)
+
+    def full_weights(self):
+        """A context with the policy's full weights (fsdp: gathered on every rank; else nothing to do)."""
+        return self.fsdp.gathered() if self.fsdp is not None else contextlib.nullcontext()
+
+    def save_model(self, save_dir: str) -> None:
+        """The policy in Hugging Face format (fsdp: every rank gathers, rank 0 writes)."""
+        if self.fsdp is not None:
+            self.fsdp.save_pretrained(save_dir)
+        elif self.dist.is_main:
+            self.policy.save_pretrained(save_dir)
 
     # ------------------------------------------------------------------ the loop
     def run(self, until: Optional[int] = None) -> dict:
@@ -208,8 +234,8 @@ class Trainer:
         path = self.save_checkpoint()
         if self._stop_requested:
             self.console.print(f"[yellow]stopped at step {self.step_count}; checkpoint {path}; continue with --resume[/]")
-        if finished and cfg.checkpoint.save_final_model and self.dist.is_main:
-            self.policy.save_pretrained(os.path.join(self.run_dir, "model"))
+        if finished and cfg.checkpoint.save_final_model:
+            self.save_model(os.path.join(self.run_dir, "model"))
         for hook in run_hooks:
             getattr(hook, "after_run", lambda t: None)(self)
         return self.dist.on_main(write_summary, cfg, self.run_dir, self.evaluation.before, self.evaluation.last,
@@ -235,9 +261,13 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         state = self.state_dict()  # under torchrun every rank takes part (its RNG streams); rank 0 writes
+        save_hf = self.cfg.checkpoint.save_hf
+        full = self.fsdp.model_state_dict() if save_hf and self.fsdp is not None else None  # gathered by all
 
         def write(d: str) -> None:
-            if self.cfg.checkpoint.save_hf:
+            if save_hf and self.fsdp is not None:
+                self.fsdp.save_pretrained(os.path.join(d, "model"), full)
+            elif save_hf:
                 self.policy.save_pretrained(os.path.join(d, "model"))
             torch.save(state, os.path.join(d, "state.pt"))
 
@@ -246,7 +276,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         # weights_only=True; a checkpoint that fails to load falls back to the previous one
-        path, state = load_newest_state(os.path.dirname(path), self.policy.device, self.console.print, newest=path)
+        where = "cpu" if self.fsdp is not None else self.policy.device  # fsdp: each rank keeps only its shards
+        path, state = load_newest_state(os.path.dirname(path), where, self.console.print, newest=path)
         restore_trainer(self, state, path)
         self.console.print(f"resumed from {path} (step {self.step_count})")
 

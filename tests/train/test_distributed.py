@@ -116,9 +116,10 @@ def test_local_dist_is_a_no_op():
         shard_prompts(list(range(5)), 0, 2)
 
 
-def test_fsdp_is_a_clear_error(make_config):
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        Trainer(make_config(**{"train.parallel": "fsdp"}))
+def test_parallel_modes(make_config):
+    trainer = Trainer(make_config(**{"train.parallel": "fsdp"}))  # one process: nothing to shard
+    assert trainer.fsdp is None and trainer.dist is LOCAL
+    trainer.close()
     with pytest.raises(ValueError, match="train.parallel"):
         Trainer(make_config(**{"train.parallel": "zero3"}))
 

@@ -20,6 +20,9 @@ the accumulated gradient is exactly the gradient of the un-split loss. Under dat
 (``dist``, ratiorl/train/distributed.py) the counts are summed over ranks before the loss and the
 gradients summed over ranks before clipping, so the update is the single-process update on the
 union of the ranks' batches; ``loss`` and the micro-batch metrics are reduced over ranks too.
+With ``train.parallel: fsdp`` (``sharding``, ratiorl/train/fsdp.py) FSDP sums the sharded
+gradients, each micro-batch is prepared by ``sharding.prepare_micro_batch`` (the same forwards on
+every rank) and the clipping norm is the global norm of the sharded gradients.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from ratiorl.rollout import Rollout
 
 from ..distributed import LOCAL
+from ..fsdp import full_tensor, shard_optimizer_state
 
 
 def sampler_gap(behaviour_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -47,10 +51,11 @@ class Update:
     """``Update(policy, objective, optimizer, scheduler, cfg, auxiliary=[critic], after_update=sync)(batch)``."""
 
     def __init__(self, policy, objective, optimizer, scheduler, cfg, auxiliary=(), after_update=None,
-                 measure_token_kl: bool = False, measure_mismatch: bool = False, dist=None):
+                 measure_token_kl: bool = False, measure_mismatch: bool = False, dist=None, sharding=None):
         self.policy, self.objective, self.optimizer, self.scheduler = policy, objective, optimizer, scheduler
         # data parallel (ratiorl/train/distributed.py): global counts, gradients summed over ranks
         self.dist = dist if dist is not None else LOCAL
+        self.sharding = sharding  # train.parallel=fsdp: an FSDPPolicy (ratiorl/train/fsdp.py), else None
         self.cfg = cfg
         self.params = policy.trainable_parameters()
         self.dist.broadcast_parameters(self.params)  # every rank starts from rank 0's weights
@@ -65,6 +70,8 @@ class Update:
     def micro_batch_loss(self, mb: Rollout, num_tokens: float, num_sequences: float) -> tuple:
         """Objective (+ auxiliary) loss of a micro-batch of whole groups with global counts."""
         mb = mb.trim()
+        if self.sharding is not None:
+            mb = self.sharding.prepare_micro_batch(mb)
         obj = self.objective
         stats = self.policy.completion_stats(mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                                              with_entropy=True, with_kl=self.measure_token_kl)
@@ -149,13 +156,14 @@ class Update:
                 micro_weights += mw
                 for rows, logp in logps:
                     policy_logp[rows] = 0.0
-                    policy_logp[rows, : logp.shape[1]] = logp.float()
+                    w = min(logp.shape[1], policy_logp.shape[1])  # fsdp may pad a micro-batch wider
+                    policy_logp[rows, :w] = logp[:, :w].float()
                     update_index[rows] = n_update
                 self.dist.sync_gradients(self.params)  # summed: each rank's loss is its share of the global one
                 for aux in self.auxiliary:  # an auxiliary term's own model (the critic's ``model``)
                     self.dist.sync_gradients(aux.model.parameters() if self.dist.enabled else ())
                 loss_total = self.dist.sum_floats([loss_total])[0]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))  # global
                 finite = math.isfinite(grad_norm)
                 if finite:  # a non-finite gradient skips the update (and is counted)
                     self.optimizer.step()
@@ -180,7 +188,7 @@ class Update:
                 "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))  # fsdp: shards
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates = int(state["updates"])
 
