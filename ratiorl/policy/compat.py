@@ -4,6 +4,8 @@ transformers 5.x renamed a causal LM's ``past_key_values=`` argument and output 
 ``cache`` (the old name warns, and goes away in a later release); 4.x only knows
 ``past_key_values``. ``cache_kwarg(model)`` names the argument the installed version's model
 takes, ``output_cache(out)`` reads the cache back from its output, under either name.
+``cache_row_selector(cache)`` keeps only some batch rows of a dynamic KV cache (the sampler
+drops finished rows), or says that this cache cannot.
 """
 
 from __future__ import annotations
@@ -35,4 +37,26 @@ def output_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-__all__ = ["cache_kwarg", "output_cache"]
+def cache_row_selector(cache):
+    """A function ``keep(rows)`` that keeps only batch rows ``rows`` (a LongTensor) of ``cache`` in
+    place, or None when the cache cannot shrink: only dynamic caches (each layer's tensors grow
+    with the sequence; transformers' ``DynamicCache``, with any ``DynamicLayer`` kind in 5.x)
+    qualify, through their own ``reorder_cache`` (beam search's row selection)."""
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:  # pragma: no cover - transformers without the Cache classes
+        return None
+    if not isinstance(cache, DynamicCache) or not hasattr(cache, "reorder_cache"):
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 5: every layer must be a dynamic one
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # pragma: no cover
+            return None
+        if not all(isinstance(layer, DynamicLayer) for layer in layers):
+            return None
+    return cache.reorder_cache
+
+
+__all__ = ["cache_kwarg", "cache_row_selector", "output_cache"]

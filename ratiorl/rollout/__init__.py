@@ -2,5 +2,6 @@
 
 from .batch import Rollout
 from .engine import HFRolloutEngine, RolloutEngine, merged_state_dict
+from .truncation import sampling_options
 
-__all__ = ["Rollout", "RolloutEngine", "HFRolloutEngine", "merged_state_dict"]
+__all__ = ["HFRolloutEngine", "Rollout", "RolloutEngine", "merged_state_dict", "sampling_options"]

@@ -1,19 +1,29 @@
 """Rollout engines: sample G completions per prompt and log the sampler's per-token log-probs.
 
 ``HFRolloutEngine`` drives any Hugging Face causal LM with its own KV-cached sampling loop
-(one batched forward per new token for all B*G rows) instead of ``model.generate``: the loop
-does only what RL needs (temperature, top-k, top-p, stop at EOS, log-probs) and so has little
-per-token Python overhead.
+(one batched forward per new token for the rows still generating) instead of ``model.generate``:
+the loop does only what RL needs (temperature, top-k, top-p, min-p, stop at EOS or at a stop
+string, log-probs) and so has little per-token Python overhead. Each distinct prompt is
+prefilled once and its KV cache shared by its G rows; rows that have finished are dropped from
+the batch (and from the KV cache) as they accumulate, so a few long completions do not keep
+the finished ones computing.
 
 The logged log-prob of a sampled token y (``Rollout.behaviour_logp``, log mu) is the log-prob
 of the distribution the token was actually drawn from: softmax(logits / T), restricted to the
-``top_k`` most likely tokens, then to the top-p nucleus of that (renormalised) distribution, and
-renormalised again. With ``top_k=0`` and ``top_p=1`` nothing is truncated and it equals
+``top_k`` most likely tokens, then to the top-p nucleus of that (renormalised) distribution,
+then to the tokens with at least ``min_p`` times the largest probability, and renormalised
+(``ratiorl.rollout.truncation``: the order of transformers' default logits processors). With
+``top_k=0``, ``top_p=1`` and ``min_p=0`` nothing is truncated and it equals
 log softmax(logits / T)[y] over the full vocabulary, the function ``Policy.completion_stats``
 computes; with truncation it is larger than the policy's log-prob (the kept tokens share the
 dropped mass), and that difference is a real sampler/trainer mismatch the objective can correct.
 Logging the untruncated log-prob instead would silently bias every importance ratio against the
 sampler (TRL issue 6789).
+
+Stop strings (``stop=[...]``, ``ratiorl.rollout.stops``) end a completion at the first
+occurrence of any of them in its decoded text: the token that completes it is kept (with its
+log-prob), later tokens are dropped and masked as after EOS, and the completion text ends with
+the stop string.
 """
 
 from __future__ import annotations
@@ -24,14 +34,18 @@ import torch
 from torch import nn
 
 from ratiorl.policy import is_peft_model, position_ids_from_mask
-from ratiorl.policy.compat import cache_kwarg, output_cache
+from ratiorl.policy.compat import cache_kwarg, cache_row_selector, output_cache
 
 from .batch import Rollout
+from .stops import StopStrings
+from .truncation import check_sampling_options, sample_tokens, truncated_logp
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer needs from a sampler (HF, vLLM, ... all plug in behind this)."""
+    """What the trainer needs from a sampler (HF, vLLM, ... all plug in behind this). Optional:
+    ``generate_with_greedy(prompts, G, ...) -> (sampled, greedy)`` (``HFRolloutEngine``'s), which
+    evaluation uses when present to prefill each prompt once for both."""
 
     def generate(
         self,
@@ -42,6 +56,8 @@ class RolloutEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_p: float = 0.0,
+        stop: list[str] | None = None,
         generator: torch.Generator | None = None,
     ) -> Rollout: ...
 
@@ -90,7 +106,14 @@ class HFRolloutEngine:
     ``model`` is the sampler's own model (``load_weights`` copies policy weights into it), or
     the policy's model object itself, in which case the sampler always sees the current
     weights and ``load_weights`` is a no-op.
+
+    ``compact_finished`` (default True): drop finished rows from the batch and the KV cache once
+    at least 1/``COMPACT_FRACTION`` of the rows still in it have finished (dynamic caches only;
+    the samples are the same either way).
     """
+
+    compact_finished = True
+    COMPACT_FRACTION = 8
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None):
         self.model = _unwrap(model)
@@ -167,50 +190,33 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------ sampling
     @staticmethod
-    def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-        """log q, the distribution a token is drawn from: ``logp_all`` (log softmax(logits / T))
-        restricted to its ``top_k`` most likely tokens (0 = all), then to the smallest prefix of
-        that renormalised distribution whose mass reaches ``top_p`` (a token is dropped when the
-        mass strictly before it already reaches ``top_p``; the most likely token is always kept),
-        renormalised; -inf outside. ``logp_all`` itself when nothing is truncated."""
-        V = logp_all.shape[-1]
-        use_k = 0 < top_k < V
-        if not use_k and top_p >= 1.0:
-            return logp_all
-        sorted_lp, order = logp_all.sort(dim=-1, descending=True)
-        drop = torch.zeros_like(sorted_lp, dtype=torch.bool)
-        if use_k:
-            drop[..., top_k:] = True
-        if top_p < 1.0:
-            p = torch.softmax(sorted_lp.masked_fill(drop, -torch.inf), -1) if use_k else sorted_lp.exp()
-            drop |= (p.cumsum(-1) - p) >= top_p
-        kept = sorted_lp.masked_fill(drop, -torch.inf)
-        kept = kept - torch.logsumexp(kept, -1, keepdim=True)
-        return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
+    def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+        """log q, the distribution a token is drawn from (``ratiorl.rollout.truncation``):
+        ``logp_all`` (log softmax(logits / T)) restricted to its ``top_k`` most likely tokens
+        (0 = all), then to the top-p nucleus of that renormalised distribution, then to the tokens
+        with probability >= ``min_p`` times the largest, renormalised; -inf outside. ``logp_all``
+        itself when nothing is truncated."""
+        return truncated_logp(logp_all, top_k, top_p, min_p)
 
     @staticmethod
-    def _sample(logp_all: torch.Tensor, top_k: int, top_p: float, generator) -> tuple:
-        """Draw one token per row from the truncated distribution; returns (tokens, log q of them)."""
-        logq = HFRolloutEngine.truncated_logp(logp_all, top_k, top_p)
-        if logq is logp_all:
-            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-        else:  # draw in sorted order (the same draw as an untruncated sort-and-mask sampler)
-            q_sorted, order = logq.exp().sort(dim=-1, descending=True)
-            tok = order.gather(-1, torch.multinomial(q_sorted, 1, generator=generator)).squeeze(-1)
-        return tok, logq.gather(-1, tok[:, None]).squeeze(-1)
-
-    @staticmethod
-    def _prefill(model, ids, mask, G: int):
+    def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None):
         """Prompt forward (last position's logits only), then cache and logits repeated G times
-        per row (rows g*G .. g*G+G-1 get prompt g). None if the model's cache cannot be repeated."""
+        per row (rows g*G .. g*G+G-1 get prompt g), or, with ``rows``, row r gets prompt
+        ``rows[r]``. None if the model's cache cannot be expanded so."""
         pos = position_ids_from_mask(mask)
         prefill = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         try:  # only the last position's logits are needed
             out = model(**prefill, logits_to_keep=1)
         except TypeError:  # a model whose forward has no logits_to_keep
             out = model(**prefill)
-        if G > 1:
-            cache = output_cache(out)
+        cache = output_cache(out)
+        if rows is not None:
+            select = cache_row_selector(cache)
+            if select is None:
+                return None
+            select(rows)
+            out.logits = out.logits[:, -1:].index_select(0, rows)
+        elif G > 1:
             if not hasattr(cache, "batch_repeat_interleave"):
                 return None
             cache.batch_repeat_interleave(G)
@@ -226,22 +232,48 @@ class HFRolloutEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_p: float = 0.0,
+        stop: list[str] | None = None,
         generator: torch.Generator | None = None,
     ) -> Rollout:
-        """Sample ``num_generations`` completions per prompt (``top_k=0``: no top-k truncation).
+        """Sample ``num_generations`` completions per prompt.
 
-        ``temperature=0`` means greedy decoding (log-probs then use temperature 1, untruncated).
+        ``top_k=0``, ``top_p=1``, ``min_p=0``: no truncation (``ratiorl.rollout.truncation``).
+        ``stop``: strings that end a completion at their first occurrence in its decoded text
+        (``ratiorl.rollout.stops``). ``temperature=0`` means greedy decoding (log-probs then use
+        temperature 1, untruncated).
         """
-        if num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        return self._generate(prompts, num_generations, False, max_new_tokens, temperature, top_p, top_k, min_p,
+                              stop, generator)[0]
+
+    def generate_with_greedy(
+        self,
+        prompts: list[str],
+        num_generations: int,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        stop: list[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Rollout, Rollout]:
+        """``(generate(prompts, num_generations, ...), generate(prompts, 1, temperature=0,
+        max_new_tokens=..., stop=stop))`` in one pass, as evaluation needs them: each prompt is
+        prefilled once for its sampled rows and its greedy row, and all rows decode together.
+        The same completions as the two calls (the sampled rows draw the same random numbers)."""
+        return self._generate(prompts, num_generations, True, max_new_tokens, temperature, top_p, top_k, min_p,
+                              stop, generator)
+
+    def _generate(self, prompts, G, with_greedy, max_new_tokens, temperature, top_p, top_k, min_p, stop,
+                  generator) -> tuple:
+        if G < 1:
+            raise ValueError(f"num_generations must be >= 1, got {G}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        stops = StopStrings(check_sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                                   stop=stop), self.tokenizer)
         greedy = temperature == 0
         T = 1.0 if greedy else float(temperature)
 
@@ -251,77 +283,112 @@ class HFRolloutEngine:
             # results stay reproducible and the caller's generator still advances.
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             generator = torch.Generator(device=dev).manual_seed(seed)
-        G = num_generations
         p_ids, p_mask = self.encode_prompts(prompts)
         P, Tp = p_ids.shape
-        prompt_ids = p_ids.repeat_interleave(G, 0).to(dev)  # prompt g -> rows g*G .. g*G+G-1
-        prompt_mask = p_mask.repeat_interleave(G, 0).to(dev)
-        group_ids = torch.arange(P, device=dev).repeat_interleave(G)
-        R = P * G
+        # row -> prompt: prompt g -> rows g*G .. g*G+G-1 (sampled), then row S + g (greedy, with_greedy)
+        row_prompt = torch.arange(P).repeat_interleave(G)
+        S = P * G  # rows [0, S) sample at ``temperature``; rows [S, R) are greedy
+        if with_greedy:
+            row_prompt = torch.cat([row_prompt, torch.arange(P)])
+        R = len(row_prompt)
+        prompt_ids, prompt_mask = p_ids[row_prompt].to(dev), p_mask[row_prompt].to(dev)
 
         eos = torch.tensor(self.eos_token_ids, device=dev)
         tokens = torch.full((R, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
         logps = torch.zeros((R, max_new_tokens), dtype=torch.float32, device=dev)
         alive_steps = torch.zeros((R, max_new_tokens), dtype=torch.long, device=dev)
         finished = torch.zeros(R, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(R, dtype=torch.bool, device=dev)
         # Attention mask for prompt + all possible new tokens; sliced as the cache grows.
         attn = torch.cat([prompt_mask, torch.ones((R, max_new_tokens), dtype=torch.long, device=dev)], 1)
-        pos = position_ids_from_mask(prompt_mask)
-        next_pos = pos[:, -1] + 1
+        next_pos = position_ids_from_mask(prompt_mask)[:, -1] + 1
         pad = torch.tensor(self.pad_token_id, device=dev)
 
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                # Prefill each distinct prompt once (P rows, not P*G) and hand its KV cache to its
-                # G rows: the G completions of a prompt share the prompt's keys and values.
-                out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G)
+                # Prefill each distinct prompt once (P rows, not R) and hand its KV cache to its
+                # rows: the completions of a prompt share the prompt's keys and values.
+                out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G, row_prompt.to(dev) if with_greedy else None)
                 if out is None:  # a cache type that cannot be expanded: prefill every row
                     out = self._prefill(model, prompt_ids, prompt_mask, 1)
                 past = output_cache(out)
+                keep_rows = cache_row_selector(past) if self.compact_finished else None
                 cache_arg = cache_kwarg(model)
-                steps = 0
+                # Every row's last logits, (R, V): the model runs on the rows still generating
+                # (``active``; None = all) and only their rows are refreshed; a finished row's
+                # stale logits are drawn from and discarded, so that every step draws from an
+                # (S, V) matrix and each row gets the same random numbers whichever rows are left.
+                logits = out.logits[:, -1]
+                active = None
                 for t in range(max_new_tokens):
                     # log softmax(logits / T) over the full vocabulary, float32
-                    logp_all = torch.log_softmax(out.logits[:, -1].float() / T, dim=-1)
-                    if greedy:
-                        tok = logp_all.argmax(-1)
-                        lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-                    else:  # lp = log mu: of the truncated, renormalised distribution drawn from
-                        tok, lp = self._sample(logp_all, top_k, top_p, generator)
+                    if S == R or not bool(finished[:S].all()):  # (else: the sampled rows are done)
+                        logp_all = torch.log_softmax(logits[:S].float() / T, dim=-1)
+                        if greedy:
+                            tok = logp_all.argmax(-1)
+                            lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+                        else:  # lp = log mu: of the truncated, renormalised distribution drawn from
+                            tok, lp = sample_tokens(logp_all, top_k, top_p, min_p, generator)
+                    else:
+                        tok, lp = pad.expand(S), torch.zeros(S, device=dev)
+                    if S < R:  # the greedy rows, at temperature 1
+                        logp_g = torch.log_softmax(logits[S:].float(), dim=-1)
+                        tok_g = logp_g.argmax(-1)
+                        tok, lp = torch.cat([tok, tok_g]), torch.cat([lp, logp_g.gather(-1, tok_g[:, None]).squeeze(-1)])
                     alive = ~finished
                     tok = torch.where(alive, tok, pad)
                     tokens[:, t] = tok
                     logps[:, t] = lp.masked_fill(finished, 0.0)
                     alive_steps[:, t] = alive
                     finished = finished | torch.isin(tok, eos)
-                    steps = t + 1
+                    if stops:
+                        rows = (alive & ~finished).nonzero().squeeze(1)
+                        hit = rows[stops.completed(tokens, rows, t).to(dev)]
+                        stopped[hit] = True
+                        finished[hit] = True
                     if t + 1 == max_new_tokens or bool(finished.all()):
                         break
-                    out = model(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
-                                position_ids=(next_pos + t)[:, None], use_cache=True, **{cache_arg: past})
+                    if keep_rows is not None:
+                        rows = active if active is not None else torch.arange(R, device=dev)
+                        done = finished[rows]
+                        n_done = int(done.sum())
+                        if n_done and n_done * self.COMPACT_FRACTION >= len(rows):  # drop finished rows
+                            keep = (~done).nonzero().squeeze(1)
+                            keep_rows(keep)
+                            active = rows[keep]
+                    if active is None:
+                        step_in = dict(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
+                                       position_ids=(next_pos + t)[:, None])
+                    else:
+                        step_in = dict(input_ids=tok[active, None], attention_mask=attn[active, : Tp + t + 1],
+                                       position_ids=(next_pos[active] + t)[:, None])
+                    out = model(**step_in, use_cache=True, **{cache_arg: past})
                     past = output_cache(out)
+                    if active is None:
+                        logits = out.logits[:, -1]
+                    else:  # (the previous step's logits tensor, no longer read, is updated in place)
+                        logits[active] = out.logits[:, -1].to(logits.dtype)
         finally:
             model.train(was_training)
         del past, out
 
-        completion_ids = tokens[:, :steps].clone()
-        completion_mask = alive_steps[:, :steps].clone()
-        behaviour_logp = logps[:, :steps].clone()
-        # Text without EOS or padding: keep generated tokens that are not EOS.
-        keep = completion_mask.bool() & ~torch.isin(completion_ids, eos)
-        rows = [completion_ids[i][keep[i]].tolist() for i in range(R)]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            behaviour_logp=behaviour_logp,
-            old_logp=behaviour_logp,  # the sampler is pi_old unless the trainer recomputes it
-            group_ids=group_ids,
-            truncated=~finished,
-            completion_texts=texts,
-            pad_token_id=self.pad_token_id,
-        )
+        def part(rows: slice, group_ids: torch.Tensor) -> Rollout:
+            mask = alive_steps[rows]
+            n = int(mask.sum(1).max())  # the last step a row of this part generated
+            ids = tokens[rows, :n].clone()
+            keep = mask[:, :n].bool() & ~torch.isin(ids, eos)  # the text leaves out EOS and padding
+            texts = self.tokenizer.batch_decode([ids[i][keep[i]].tolist() for i in range(len(ids))],
+                                                skip_special_tokens=True)
+            for i in stopped[rows].nonzero().squeeze(1).tolist():
+                texts[i] = stops.cut(texts[i])  # ends with its stop string
+            logp = logps[rows, :n].clone()
+            return Rollout(prompt_ids=prompt_ids[rows], prompt_mask=prompt_mask[rows], completion_ids=ids,
+                           completion_mask=mask[:, :n].clone(), behaviour_logp=logp,
+                           old_logp=logp,  # the sampler is pi_old unless the trainer recomputes it
+                           group_ids=group_ids.to(dev), truncated=~finished[rows], completion_texts=texts,
+                           pad_token_id=self.pad_token_id)
+
+        sampled = part(slice(0, S), row_prompt[:S])
+        return (sampled, part(slice(S, R), row_prompt[S:])) if with_greedy else (sampled, None)

@@ -87,6 +87,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1")
     need(0.0 < cfg.rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.rollout.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {cfg.rollout.top_k}")
+    need(0.0 <= cfg.rollout.min_p < 1.0, f"rollout.min_p must be in [0, 1) (0 = off), got {cfg.rollout.min_p}")
+    need(all(isinstance(s, str) and s for s in cfg.rollout.stop),
+         f"rollout.stop must be a list of non-empty strings, got {list(cfg.rollout.stop)}")
     need(cfg.rollout.policy_lag >= 0, f"rollout.policy_lag must be >= 0 (updates), got {cfg.rollout.policy_lag}")
     need(cfg.rollout.dtype in (None, "float32", "bfloat16", "float16"),
          f"rollout.dtype must be null (the policy's), float32, bfloat16 or float16, got {cfg.rollout.dtype!r}")

@@ -40,6 +40,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # sample from the k most likely tokens only (0 = off); logged log-probs are renormalised
+    min_p: float = 0.0  # keep tokens with p >= min_p * max p (after temperature, top-k, top-p; 0 = off)
+    stop: list = field(default_factory=list)  # strings that end a completion (kept in its text; [] = none)
     sync_every: int = 1  # optimizer updates between sampler refreshes
     policy_lag: int = 0  # sample with the weights of k optimizer updates ago (an asynchronous trainer)
     dtype: Optional[str] = None  # sampler precision: None = the policy's | "bfloat16" | "float16" | "float32"
@@ -141,7 +143,8 @@ class TrainLoopConfig:
     nll_threshold: float = 1.0
     pf_ppo: Optional[str] = None  # PF-PPO resampling by reward: pow | max_min | max_random (None = off)
     pf_ppo_pow: float = 2.0  # the power of |R| for pf_ppo=pow
-    # under torchrun: ddp (full model per rank, gradients summed over ranks) | fsdp (not implemented)
+    # under torchrun: ddp (full model per rank, gradients summed over ranks) | fsdp (FSDP2: weights,
+    # gradients and optimizer state sharded over ranks, weights gathered for the rollout; docs/scale.md)
     parallel: str = "ddp"
 
 

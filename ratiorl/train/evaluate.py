@@ -83,10 +83,14 @@ def as_judge(check) -> RewardJudge:
 
 @torch.no_grad()
 def evaluate_engine(engine, examples: list, check, *, k: int, temperature: float, max_new_tokens: int,
-                    top_p: float = 1.0, seed: int = 0, greedy: bool = True, records: list | None = None) -> dict:
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list | None = None,
+                    seed: int = 0, greedy: bool = True, records: list | None = None) -> dict:
     """avg@k / pass@k at ``temperature`` and greedy accuracy of ``engine`` on ``examples``.
 
-    ``check`` is a :class:`RewardJudge` or a task's ``check(completion, answer)``. With a list in
+    ``check`` is a :class:`RewardJudge` or a task's ``check(completion, answer)``. ``top_k``, ``min_p``
+    and ``stop`` are the rollout's (``stop`` ends greedy completions too). An engine with
+    ``generate_with_greedy`` (``HFRolloutEngine``) samples and decodes greedily in one pass that
+    prefills each prompt once; the numbers are those of two separate calls. With a list in
     ``records``, one dict per completion is appended (mode, prompt index, completion, reward,
     correct, length)."""
     judge = as_judge(check)
@@ -94,9 +98,16 @@ def evaluate_engine(engine, examples: list, check, *, k: int, temperature: float
     gen = torch.Generator(device=engine.device).manual_seed(seed + 7919)
     t0 = time.perf_counter()
     out = {"eval/k": float(k), "eval/temperature": float(temperature)}
+    stops = {"stop": list(stop)} if stop else {}  # only when set: engines without the options still work
+    opts = {**stops, **({"min_p": min_p} if min_p > 0 else {}), **({"top_k": top_k} if top_k > 0 else {})}
+    g = None
     if k > 0:
-        b = engine.generate(prompts, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            generator=gen)
+        if greedy and hasattr(engine, "generate_with_greedy"):
+            b, g = engine.generate_with_greedy(prompts, k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                               top_p=top_p, generator=gen, **opts)
+        else:
+            b = engine.generate(prompts, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                generator=gen, **opts)
         rows = b.group_ids.tolist()
         scores = judge(b.completion_texts, [examples[i] for i in rows])
         ok = torch.tensor(judge.correct(scores)).view(len(prompts), k)
@@ -108,7 +119,8 @@ def evaluate_engine(engine, examples: list, check, *, k: int, temperature: float
                 records.append({"mode": "sample", "index": i, "completion": text, "reward": scores[j],
                                 "correct": bool(ok.view(-1)[j]), "length": int(lengths[j])})
     if greedy:
-        g = engine.generate(prompts, 1, max_new_tokens=max_new_tokens, temperature=0.0)
+        if g is None:
+            g = engine.generate(prompts, 1, max_new_tokens=max_new_tokens, temperature=0.0, **stops)
         scores = judge(g.completion_texts, examples)
         hits = judge.correct(scores)
         out["eval/greedy_acc"] = sum(hits) / len(hits)
@@ -164,7 +176,8 @@ def evaluate_run(model: str, config_path: str | None = None, overrides: list | N
         examples = task.eval[: e.num_prompts]
         records: list = []
         metrics = evaluate_engine(engine, examples, reward_judge(scorer, e), k=e.k, temperature=temp,
-                                  top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, min_p=cfg.rollout.min_p,
+                                  stop=list(cfg.rollout.stop), max_new_tokens=cfg.rollout.max_new_tokens,
                                   seed=cfg.seed, greedy=e.greedy, records=records)
     finally:
         torch.set_num_threads(threads_before)

@@ -9,11 +9,19 @@ with ``all_ranks = True`` (checkpoints: every rank hands over its RNG streams, r
 
 Collectors (``OneDraw``, ``DynamicSampling``) decide how a step's batch is drawn from the
 ``sample`` and ``score`` stages.
+
+Console: the rich console flushes after every line it prints, so a log file sees each line when
+it is printed. A progress bar cannot redraw in a file or a pipe; there ``Logging`` prints a plain
+line every step instead (or every ``logging.console_every`` steps). ``WarningsOnce`` shows each
+distinct warning once while a run's loop runs: Python's own "show once per location" memory is
+wiped whenever any code changes the warning filters (``warnings.catch_warnings``, which
+matplotlib and torch enter often), so library warnings would otherwise come back every step.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 
 from ratiorl.rollout import Rollout
@@ -118,18 +126,71 @@ class Evaluation:
         self.before, self.last = state["before"], state["last"]
 
 
+class WarningsOnce:
+    """While installed (``with WarningsOnce():`` or ``install()`` / ``uninstall()``), each distinct
+    warning (category, message, file, line) is shown once; later ones are dropped. It wraps
+    ``warnings.showwarning``, which runs only for warnings the filters let through, and which
+    ``warnings.catch_warnings`` restores on exit, so it outlives the filter changes that make
+    Python forget what it has shown."""
+
+    def __init__(self):
+        self.seen: set = set()
+        self._previous = None
+        self._hook = self._show
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message), filename, lineno)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self._previous(message, category, filename, lineno, file, line)
+
+    def install(self) -> "WarningsOnce":
+        if self._previous is None:
+            self._previous = warnings.showwarning
+            warnings.showwarning = self._hook
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None and warnings.showwarning is self._hook:
+            warnings.showwarning = self._previous
+        self._previous = None
+
+    __enter__ = install
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def console_draws(console) -> bool:
+    """Whether a progress bar can redraw on ``console`` (a terminal, not a file or a pipe)."""
+    return bool(getattr(console, "is_terminal", False)) and not getattr(console, "is_dumb_terminal", False)
+
+
 class Logging:
     """metrics.jsonl / TensorBoard (``trainer.logger``), the progress bar and a console line every
-    ``logging.console_every`` steps."""
+    ``logging.console_every`` steps; every step when ``logging.progress`` asks for a bar that
+    cannot draw (the console is a file or a pipe) and ``console_every`` is 0. Each warning is shown once from
+    ``before_run`` to ``after_run`` (``WarningsOnce``)."""
 
     def __init__(self, bar, console_every: int, evaluation: Evaluation):
         self.bar, self.console_every, self.evaluation = bar, console_every, evaluation
+        self.warnings = WarningsOnce()
+
+    def before_run(self, trainer) -> None:
+        self.warnings.install()
+
+    def after_run(self, trainer) -> None:
+        self.warnings.uninstall()
 
     def after_step(self, trainer, batch, metrics) -> None:
         s = trainer.step_count
         trainer.logger.log(s, metrics)
         self.bar.update(s, metrics, self.evaluation.last)
-        if self.console_every and s % self.console_every == 0:
+        every = self.console_every
+        if not every and trainer.cfg.logging.progress and not console_draws(trainer.console):
+            every = 1  # a bar shows nothing until the end in a file: a line per step instead
+        if every and s % every == 0:
             self.bar.note(console_line(s, metrics))
 
 
@@ -203,4 +264,4 @@ def console_line(step: int, m: dict) -> str:
 
 
 __all__ = ["OneDraw", "DynamicSampling", "KLControl", "Evaluation", "Logging", "Checkpointing", "Plots",
-           "eval_line", "console_line"]
+           "WarningsOnce", "console_draws", "eval_line", "console_line"]

@@ -11,7 +11,7 @@ The rollout options that make mu differ from pi_old, as a production stack does:
   Both are one rule: after u updates the sampler holds version
   ``sampler_version(u, k, s) = floor(max(0, u - k) / s) * s`` (version v = the weights after v
   updates; 0 = the initial weights);
-- ``rollout.top_k`` / ``rollout.top_p`` < 1: tokens are drawn from a truncated, renormalised
+- ``rollout.top_k`` / ``rollout.top_p`` < 1 / ``rollout.min_p`` > 0: tokens are drawn from a truncated, renormalised
   distribution (the engine logs that distribution's log-prob), while the policy's log-prob is of
   the full tempered distribution.
 
@@ -46,6 +46,8 @@ def mismatch_sources(rollout_cfg, policy_dtype: torch.dtype) -> list:
         out.append(f"top_k={r.top_k}")
     if r.top_p < 1.0:
         out.append(f"top_p={r.top_p}")
+    if r.min_p > 0.0:
+        out.append(f"min_p={r.min_p}")
     return out
 
 

@@ -182,7 +182,8 @@ class Trainer:
         cfg, e = self.cfg, self.cfg.eval
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature
         args = (evaluate_engine, self.eval_engine, self.task.eval[: e.num_prompts], reward_judge(self.scorer, e))
-        kw = dict(k=e.k, temperature=temp, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+        kw = dict(k=e.k, temperature=temp, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                  min_p=cfg.rollout.min_p, stop=list(cfg.rollout.stop), max_new_tokens=cfg.rollout.max_new_tokens,
                   seed=cfg.seed, greedy=e.greedy)
         if self.fsdp is None:
             return args[0](*args[1:], **kw)
@@ -209,8 +210,11 @@ class Trainer:
         self.last_step = cfg.train.steps if until is None else min(until, cfg.train.steps)
         old_handler = _install_sigint(self._on_sigint)
         try:
+            # a bar cannot redraw in a file or pipe: there the Logging hook prints a line per step instead;
+            # each warning is shown once over the whole run (step-0 evaluation included)
             with StepProgress(total=cfg.train.steps, start=self.step_count,
-                              enabled=cfg.logging.progress and self.dist.is_main, console=self.console) as self._bar:
+                              enabled=cfg.logging.progress and self.dist.is_main and H.console_draws(self.console),
+                              console=self.console) as self._bar, H.WarningsOnce():
                 run_hooks = [self.evaluation, H.Logging(self._bar, cfg.logging.console_every, self.evaluation),
                              H.Checkpointing(cfg.checkpoint.every, cfg.train.steps)]
                 if cfg.logging.plots:

@@ -131,3 +131,24 @@ def test_ratiorl_eval_clear_errors(tiny_model_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert run_cli("--model", tiny_model_dir, "--model.device", "cuda", "--out", str(tmp_path / "e")) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_evaluation_samples_with_the_rollouts_truncation_and_stops():
+    """Evaluation at the training temperature draws from the same truncated distribution as the
+    rollout (top_k, top_p, min_p) and ends completions at the same stop strings; greedy decoding
+    gets the stops but no truncation (it has none to apply)."""
+    calls = []
+
+    class Recording(ScriptedEngine):
+        def generate(self, prompts, G, *, max_new_tokens, temperature, top_p=1.0, generator=None, **options):
+            calls.append((temperature, top_p, options))
+            return super().generate(prompts, G, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    examples = [{"prompt": "a", "answer": "1"}]
+    evaluate_engine(Recording(["1", "2"], ["1"]), examples, lambda c, a: c == a, k=2, temperature=0.7,
+                    max_new_tokens=3, top_p=0.9, top_k=5, min_p=0.05, stop=["\n"])
+    assert calls == [(0.7, 0.9, {"top_k": 5, "min_p": 0.05, "stop": ["\n"]}), (0.0, 1.0, {"stop": ["\n"]})]
+    calls.clear()  # defaults pass no options, so engines without them keep working
+    evaluate_engine(Recording(["1", "2"], ["1"]), examples, lambda c, a: c == a, k=2, temperature=0.7,
+                    max_new_tokens=3)
+    assert calls == [(0.7, 1.0, {}), (0.0, 1.0, {})]

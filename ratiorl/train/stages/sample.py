@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ratiorl.rollout import Rollout
+from ratiorl.rollout import Rollout, sampling_options
 
 from ..distributed import shard_prompts
 
@@ -63,6 +63,8 @@ class Sample:
     ``version``: a callable returning the policy version of the sampler's weights, or None.
     ``shard``: ``(rank, world_size)`` under data parallel: a call for ``n`` prompts takes the
     ``n * world_size`` prompts a single process would take and keeps slice ``rank`` of them.
+    The engine samples with the config's temperature, ``top_k``, ``top_p``, ``min_p`` and ``stop``
+    (``ratiorl.rollout.sampling_options``; checked here, so a bad value fails before any sampling).
     """
 
     def __init__(self, engine, stream: PromptStream, rollout_cfg, generator: torch.Generator, old_logp_scorer=None,
@@ -71,6 +73,7 @@ class Sample:
         self.old_logp_scorer = old_logp_scorer
         self.version = version
         self.shard = shard
+        sampling_options(rollout_cfg)  # fail now on a bad value
 
     def __call__(self, n_prompts: int) -> Rollout:
         r = self.cfg
@@ -80,7 +83,7 @@ class Sample:
         t0 = time.perf_counter()
         batch = self.engine.generate([e["prompt"] for e in examples], r.num_generations,
                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, top_k=r.top_k, generator=self.generator)
+                                     generator=self.generator, **sampling_options(r))
         rows = batch.group_ids.tolist()  # group g answers examples[g]
         batch.fields = {k: [examples[i][k] for i in rows] for k in examples[0] if k != "completion"}
         if self.version is not None:

@@ -1,0 +1,108 @@
+"""The distribution a sampled token is drawn from: temperature, top-k, top-p, min-p.
+
+The warpers compose in the order of Hugging Face's default logits processors
+(``GenerationMixin._get_logits_processor``: temperature, top-k, top-p, min-p), each one seeing the
+renormalised output of the one before:
+
+1. temperature: ``log softmax(logits / T)`` over the full vocabulary (float32);
+2. top-k (``top_k > 0``): keep the ``top_k`` most likely tokens;
+3. top-p (``top_p < 1``): keep the smallest prefix, in decreasing probability, of the renormalised
+   distribution whose mass reaches ``top_p`` (a token is dropped when the mass strictly before it
+   already reaches ``top_p``; the most likely token is always kept);
+4. min-p (``min_p > 0``): keep the tokens whose renormalised probability is at least ``min_p``
+   times the largest one (transformers' ``MinPLogitsWarper``: a token is dropped when
+   ``p < min_p * max p``). Renormalising does not change the ratio ``p / max p``, so this is the
+   same test on the tempered probabilities of the tokens top-k and top-p kept.
+
+The kept tokens are renormalised: ``log q = log p - log sum_kept p`` and ``-inf`` elsewhere.
+``log q(y)`` of the drawn token is what the sampler records as ``behaviour_logp``. With nothing
+truncated (``top_k = 0``, ``top_p = 1``, ``min_p = 0``), ``truncated_logp`` returns its input
+object unchanged and a token is drawn from it directly (the draw of an untruncated sampler).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def check_sampling_options(*, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                           stop: Sequence[str] | None = None, prefix: str = "") -> list:
+    """Validate the sampling options; returns ``stop`` as a list of strings.
+
+    ``prefix`` is put before each option name in the messages (``"rollout."`` for a config)."""
+    if not temperature >= 0:
+        raise ValueError(f"{prefix}temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"{prefix}top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 <= min_p < 1.0:
+        raise ValueError(f"{prefix}min_p must be in [0, 1) (0 = off), got {min_p}")
+    if stop is None:
+        return []
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
+        raise ValueError(f"{prefix}stop must be a list of strings, got {stop!r} (write [{stop!r}] for one string)")
+    stop = list(stop)
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"{prefix}stop must be a list of non-empty strings, got {stop!r}")
+    return stop
+
+
+def sampling_options(rollout_cfg, prefix: str = "rollout.") -> dict:
+    """The truncation keyword arguments of ``RolloutEngine.generate`` from a config's ``rollout``
+    section (checked): ``top_p`` and ``top_k``, plus ``min_p`` and ``stop`` when they are set
+    (so an engine that predates them still works with the configs that do not use them)."""
+    min_p = float(getattr(rollout_cfg, "min_p", 0.0))
+    stop = check_sampling_options(top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, min_p=min_p,
+                                  stop=getattr(rollout_cfg, "stop", None), prefix=prefix)
+    out = {"top_p": rollout_cfg.top_p, "top_k": rollout_cfg.top_k}
+    if min_p > 0:
+        out["min_p"] = min_p
+    if stop:
+        out["stop"] = stop
+    return out
+
+
+def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """log q, the distribution a token is drawn from: ``logp_all`` (log softmax(logits / T), last
+    dimension the vocabulary) restricted by top-k, then top-p, then min-p (module docstring),
+    renormalised; -inf outside. ``logp_all`` itself when nothing is truncated."""
+    V = logp_all.shape[-1]
+    use_k = 0 < top_k < V
+    use_p = top_p < 1.0
+    use_min_p = min_p > 0.0
+    if not (use_k or use_p or use_min_p):
+        return logp_all
+    sorted_lp, order = logp_all.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_lp, dtype=torch.bool)
+    if use_k:
+        drop[..., top_k:] = True
+    if use_p:
+        p = torch.softmax(sorted_lp.masked_fill(drop, -torch.inf), -1) if use_k else sorted_lp.exp()
+        drop |= (p.cumsum(-1) - p) >= top_p
+    if use_min_p:  # p < min_p * p_max  <=>  log p < log p_max + log min_p (p_max: the first, always kept)
+        drop |= sorted_lp < sorted_lp[..., :1] + math.log(min_p)
+    kept = sorted_lp.masked_fill(drop, -torch.inf)
+    kept = kept - torch.logsumexp(kept, -1, keepdim=True)
+    return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
+
+
+def sample_tokens(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  generator: torch.Generator | None = None) -> tuple:
+    """Draw one token per row of ``logp_all`` (R, V) from the truncated distribution; returns
+    ``(tokens, log q of them)``. A row's draw depends only on that row and the generator's state
+    (``torch.multinomial`` draws one exponential per entry of the (R, V) matrix)."""
+    logq = truncated_logp(logp_all, top_k, top_p, min_p)
+    if logq is logp_all:
+        tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+    else:  # draw in sorted order (the same draw as an untruncated sort-and-mask sampler)
+        q_sorted, order = logq.exp().sort(dim=-1, descending=True)
+        tok = order.gather(-1, torch.multinomial(q_sorted, 1, generator=generator)).squeeze(-1)
+    return tok, logq.gather(-1, tok[:, None]).squeeze(-1)
+
+
+__all__ = ["check_sampling_options", "sample_tokens", "sampling_options", "truncated_logp"]
