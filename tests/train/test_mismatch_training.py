@@ -36,7 +36,7 @@ def test_sampler_version_rule():
 
 def test_old_logp_source_decision():
     def cfg(**rollout):
-        r = dict(dtype=None, policy_lag=0, sync_every=1, top_k=0, top_p=1.0, recompute_old_logp=False)
+        r = dict(dtype=None, policy_lag=0, sync_every=1, top_k=0, top_p=1.0, min_p=0.0, recompute_old_logp=False)
         r.update(rollout)
         return SimpleNamespace(rollout=SimpleNamespace(**r), train=SimpleNamespace(epochs=1, mini_batches=1))
 
@@ -45,8 +45,8 @@ def test_old_logp_source_decision():
     f32 = torch.float32
     assert mismatch_sources(cfg().rollout, f32) == []
     assert mismatch_sources(cfg(dtype="float32").rollout, f32) == []  # the policy's own dtype
-    assert mismatch_sources(cfg(dtype="bfloat16", policy_lag=2, top_k=5, top_p=0.9).rollout, f32) == [
-        "dtype=bfloat16", "policy_lag=2", "top_k=5", "top_p=0.9"]
+    assert mismatch_sources(cfg(dtype="bfloat16", policy_lag=2, top_k=5, top_p=0.9, min_p=0.1).rollout, f32) == [
+        "dtype=bfloat16", "policy_lag=2", "top_k=5", "top_p=0.9", "min_p=0.1"]
     bf16 = cfg(dtype="bfloat16")
     src = mismatch_sources(bf16.rollout, f32)
     assert old_logp_source(bf16, plain, src) == "behaviour"  # one update, no correction: mu is pi_old
