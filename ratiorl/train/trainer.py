@@ -45,6 +45,7 @@ from .build import (build_controller, build_objective, build_optimizer, build_po
 from .checkpoint import (latest_checkpoint, load_newest_state, restore_trainer, save_checkpoint, seed_everything,
                          trainer_state)
 from .config import TrainConfig
+from .evaluate import reward_judge
 from .prompts import render_task
 from .run_dir import prepare_run_dir
 from .stages.advantages import build_advantages
@@ -115,7 +116,8 @@ class Trainer:
         self.stream = PromptStream(self.task.train, cfg.seed)
         self.sample = Sample(self.engine, self.stream, cfg.rollout, self.generator, self.policy if forward else None,
                              version=lambda: self.sampler.version, shard=(self.dist.rank, self.dist.world_size))
-        self.score = Score(self.scorer, self.task.check, cfg.reward, cfg.rollout.max_new_tokens)
+        self.score = Score(self.scorer, self.task.check, cfg.reward, cfg.rollout.max_new_tokens,
+                           judge=reward_judge(self.scorer, cfg.eval))  # training accuracy = evaluation's
         self.collector = (H.DynamicSampling(cfg.train.max_sampling_tries) if cfg.train.dynamic_sampling
                           else H.OneDraw())
         # the method's declared needs pick the stage: critic (+ value pretraining), greedy baseline, ...
@@ -177,7 +179,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """avg@k and pass@k (sampling at the eval temperature) and greedy accuracy on the eval split."""
-        from .evaluate import evaluate_engine, reward_judge  # noqa: PLC0415
+        from .evaluate import evaluate_engine  # noqa: PLC0415
 
         cfg, e = self.cfg, self.cfg.eval
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature

@@ -152,3 +152,24 @@ def test_evaluation_samples_with_the_rollouts_truncation_and_stops():
     evaluate_engine(Recording(["1", "2"], ["1"]), examples, lambda c, a: c == a, k=2, temperature=0.7,
                     max_new_tokens=3)
     assert calls == [(0.7, 1.0, {}), (0.0, 1.0, {})]
+
+
+def test_training_accuracy_is_judged_as_evaluation_judges():
+    """The `accuracy` logged every step uses the run's judge (eval.reward >= eval.threshold), so a
+    run whose answers are right but not exact strings does not log accuracy 0."""
+    from ratiorl.train.stages.score import Score
+
+    def batch():
+        return SimpleNamespace(fields={"prompt": ["a", "b", "c"], "answer": ["13", "7", "5"]}, counters={},
+                               completion_texts=["8 + 5 = 13.", "7", "The answer is 4"])
+
+    scorer = RewardScorer([("answer_match", 1.0, {}), ("format", 0.5, {})])
+    cfg = SimpleNamespace(overlong_penalty=0.0)
+    exact = lambda c, a: c.strip() == a  # noqa: E731  (a task's own string check)
+    judged = Score(scorer, exact, cfg, 8, judge=reward_judge(scorer, SimpleNamespace(reward=None, threshold=1.0)))
+    assert judged(batch()).correct.tolist() == [1.0, 1.0, 0.0]
+    assert Score(scorer, exact, cfg, 8)(batch()).correct.tolist() == [0.0, 1.0, 0.0]  # no judge: the check
+    # a judge on a reward the run does not train on is computed for the accuracy only
+    other = reward_judge(RewardScorer([("format", 1.0, {})]), SimpleNamespace(reward="answer_match", threshold=1.0))
+    assert Score(RewardScorer([("format", 1.0, {})]), exact, cfg, 8, judge=other)(batch()).correct.tolist() == [
+        1.0, 1.0, 0.0]
