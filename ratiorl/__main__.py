@@ -2,7 +2,7 @@
 
 import sys
 
-from ratiorl.cli import main
+from ratiorl.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

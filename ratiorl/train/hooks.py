@@ -126,6 +126,9 @@ class Evaluation:
         self.before, self.last = state["before"], state["last"]
 
 
+_PLAIN_SHOWWARNING = warnings.showwarning
+
+
 class WarningsOnce:
     """While installed (``with WarningsOnce():`` or ``install()`` / ``uninstall()``), each distinct
     warning (category, message, file, line) is shown once; later ones are dropped. It wraps
@@ -136,6 +139,7 @@ class WarningsOnce:
     def __init__(self):
         self.seen: set = set()
         self._previous = None
+        self._active = False
         self._hook = self._show
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
@@ -143,18 +147,25 @@ class WarningsOnce:
         if key in self.seen:
             return
         self.seen.add(key)
-        self._previous(message, category, filename, lineno, file, line)
+        # uninstalled while another hook installed over this one still forwards here: show it plainly
+        (self._previous or _PLAIN_SHOWWARNING)(message, category, filename, lineno, file, line)
 
     def install(self) -> "WarningsOnce":
+        self._active = True
         if self._previous is None:
             self._previous = warnings.showwarning
             warnings.showwarning = self._hook
         return self
 
     def uninstall(self) -> None:
+        self._active = False
         if self._previous is not None and warnings.showwarning is self._hook:
-            warnings.showwarning = self._previous
-        self._previous = None
+            restored = self._previous  # skip hooks below that were uninstalled while covered by this one
+            while isinstance(getattr(restored, "__self__", None), WarningsOnce) and not restored.__self__._active:
+                restored = restored.__self__._previous or _PLAIN_SHOWWARNING
+            warnings.showwarning = restored
+            self._previous = None
+        # else another hook was installed over this one and still forwards to it: keep forwarding
 
     __enter__ = install
 

@@ -117,3 +117,32 @@ def test_console_draws():
 
     assert not console_draws(Console(file=StringIO()))
     assert console_draws(Console(file=StringIO(), force_terminal=True))
+
+
+def test_nested_warnings_once_in_the_trainers_order_keeps_warnings_working():
+    """The trainer wraps its loop in one WarningsOnce and the Logging hook installs a second one
+    that it removes only after the loop's `with` block has exited (a saved LoRA adapter warned in
+    between and crashed: the outer hook had forgotten where to forward)."""
+    from ratiorl.train.hooks import WarningsOnce
+
+    def original(message, category, filename, lineno, file=None, line=None):
+        shown.append(str(message))
+
+    shown = []
+    saved = warnings.showwarning
+    warnings.showwarning = original
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            outer = WarningsOnce().install()
+            inner = WarningsOnce().install()  # Logging.before_run
+            warnings.warn("in the loop")
+            outer.uninstall()  # the loop's `with` block ends first
+            for _ in range(2):  # went to the outer hook, which called None before the fix
+                warnings.warn("while saving the model")
+            inner.uninstall()  # Logging.after_run
+            assert warnings.showwarning is original  # everything restored
+            warnings.warn("after the run")
+    finally:
+        warnings.showwarning = saved
+    assert shown == ["in the loop", "while saving the model", "after the run"]

@@ -112,15 +112,19 @@ def kill_and_resume(tiny_model_dir, tmp_path, kills, seed, steps=STEPS):
         step_seconds = _seconds_per_step(os.path.join(straight, "checkpoints"))
         startup_seconds = max(run_seconds - train_seconds, 0.1)
 
-        run = str(tmp_path / "killed")
-        ckpts = os.path.join(run, "checkpoints")
+        # the killed runs: when one reaches the end before every kill is delivered (the machine got
+        # faster than the step time measured above), the next kills go to a new run folder
+        runs = [str(tmp_path / "killed0")]
+        run, ckpts = runs[-1], os.path.join(runs[-1], "checkpoints")
         rng = random.Random(seed)
         delivered = launches = in_training = 0
         t0 = time.perf_counter()
         while delivered < kills:
             before = latest_checkpoint(ckpts)
             if before is not None and int(os.path.basename(before).split("_")[1]) == steps:
-                break  # finished early: the assertions below report the missing kills
+                runs.append(str(tmp_path / f"killed{len(runs)}"))
+                run, ckpts = runs[-1], os.path.join(runs[-1], "checkpoints")
+                continue
             if rng.random() < 0.5:  # start-up (imports, loading, the checkpoint read) or the first steps
                 killed, _, _ = run_once(run, rng.uniform(0.0, startup_seconds + 3 * step_seconds))
             else:  # among the steps and checkpoint writes, about 1.5 steps after the first new one
@@ -137,14 +141,17 @@ def kill_and_resume(tiny_model_dir, tmp_path, kills, seed, steps=STEPS):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
-    assert _rows(run) == _rows(straight)
-    assert [r["step"] for r in _rows(run)] == list(range(1, steps + 1))
-    a, b = load_state(latest_checkpoint(os.path.join(straight, "checkpoints"))), load_state(latest_checkpoint(ckpts))
-    assert a["step"] == b["step"] == steps
-    assert a["trainable"].keys() == b["trainable"].keys()
-    for k in a["trainable"]:
-        assert torch.equal(a["trainable"][k], b["trainable"][k]), k
-    assert [n for n in os.listdir(ckpts) if n.startswith(".")] == []  # no temporaries left
+    a = load_state(latest_checkpoint(os.path.join(straight, "checkpoints")))
+    for run in runs:  # every killed-and-resumed run equals the straight one
+        ckpts = os.path.join(run, "checkpoints")
+        assert _rows(run) == _rows(straight)
+        assert [r["step"] for r in _rows(run)] == list(range(1, steps + 1))
+        b = load_state(latest_checkpoint(ckpts))
+        assert a["step"] == b["step"] == steps
+        assert a["trainable"].keys() == b["trainable"].keys()
+        for k in a["trainable"]:
+            assert torch.equal(a["trainable"][k], b["trainable"][k]), k
+        assert [n for n in os.listdir(ckpts) if n.startswith(".")] == []  # no temporaries left
     return delivered, launches, in_training, seconds
 
 
