@@ -50,7 +50,9 @@ def run_demo(out_dir: str = "runs/demo", config_path: Optional[str] = None, over
     if holds_run(out_dir, os.path.join(out_dir, "checkpoints")):  # a rerun: the earlier demo is kept aside
         console.print(f"[yellow]moved the earlier demo run in {out_dir} to {move_aside(out_dir)}[/]")
     os.makedirs(out_dir, exist_ok=True)
-    console.print(f"[bold]1/2 supervised warm start[/] ({cfg.sft.steps} steps on {cfg.sft.task}) -> {cfg.model.path}")
+    until = (f"until {cfg.sft.target_accuracy:.0%} greedy accuracy, at most {cfg.sft.steps} steps"
+             if cfg.sft.target_accuracy is not None else f"{cfg.sft.steps} steps")
+    console.print(f"[bold]1/2 supervised warm start[/] on {cfg.sft.task} ({until}) -> {cfg.model.path}")
     sft = run_sft(cfg.model.path, cfg.sft, progress=_sft_progress(console, cfg.sft.steps))
     t_sft = time.perf_counter() - t0
     if sft.get("greedy_accuracy") is not None:
