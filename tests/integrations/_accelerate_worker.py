@@ -7,6 +7,7 @@ with SNIB; the ranks record what compute_loss saw. Rank 0 writes results.json.
 """
 
 import json
+import os
 import sys
 import warnings
 
@@ -157,7 +158,13 @@ def main():
     if rank == 0:
         with open(f"{out_dir}/results.json", "w") as f:
             json.dump(res, f)
+    dist.barrier()
 
 
 if __name__ == "__main__":
     main()
+    # leave without the interpreter's teardown, as ratiorl's own CLI does under torchrun: a rank of
+    # a gloo job aborted there now and then ("terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
