@@ -30,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
 
 DONE = "DONE"  # the marker written into a cell folder when its run finished
 STUDY_KEYS = ("name", "description", "base", "overrides", "seeds", "axes", "settings", "baseline", "metrics",
@@ -211,14 +210,10 @@ def check_parts_of(cfg) -> None:
 
 
 def read_spec_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise ValueError(f"study spec not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
+    from ratiorl.train.config_load import read_yaml  # noqa: PLC0415
+
+    data = read_yaml(path, what="study spec")
+    if not data:
         raise _error(path, "expected a mapping at the top level (base, overrides, seeds, axes or settings, ...)")
     return data
 

@@ -244,19 +244,10 @@ def paired_difference(a_by_seed: Mapping, b_by_seed: Mapping, level: float = 0.9
 
 def read_metric(metrics_path: str, metric: str) -> tuple:
     """(steps, values) of one metric in a run's metrics.jsonl; a step logged twice keeps its last value."""
-    by_step = {}
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash
-                    continue
-                if metric in row and "step" in row and isinstance(row[metric], (int, float)):
-                    by_step[row["step"]] = float(row[metric])
+    from ratiorl.report.sinks import read_jsonl  # noqa: PLC0415  (skips a line cut by a crash)
+
+    by_step = {row["step"]: float(row[metric]) for row in read_jsonl(metrics_path)
+               if metric in row and "step" in row and isinstance(row[metric], (int, float))}
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 

@@ -228,10 +228,10 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def read_yaml(path: str) -> dict:
+def read_yaml(path: str, what: str = "config file") -> dict:
     """The top-level mapping of a YAML file (empty file = {}); ValueError if missing or invalid."""
     if not os.path.exists(path):
-        raise ValueError(f"config file not found: {path}")
+        raise ValueError(f"{what} not found: {path}")
     with open(path) as f:
         try:
             data = yaml.safe_load(f)

@@ -181,18 +181,11 @@ def console_draws(console) -> bool:
 class Logging:
     """metrics.jsonl / TensorBoard (``trainer.logger``), the progress bar and a console line every
     ``logging.console_every`` steps; every step when ``logging.progress`` asks for a bar that
-    cannot draw (the console is a file or a pipe) and ``console_every`` is 0. Each warning is shown once from
-    ``before_run`` to ``after_run`` (``WarningsOnce``)."""
+    cannot draw (the console is a file or a pipe) and ``console_every`` is 0. (The trainer shows
+    each warning once over the run's loop with ``WarningsOnce``.)"""
 
     def __init__(self, bar, console_every: int, evaluation: Evaluation):
         self.bar, self.console_every, self.evaluation = bar, console_every, evaluation
-        self.warnings = WarningsOnce()
-
-    def before_run(self, trainer) -> None:
-        self.warnings.install()
-
-    def after_run(self, trainer) -> None:
-        self.warnings.uninstall()
 
     def after_step(self, trainer, batch, metrics) -> None:
         s = trainer.step_count

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import ratiorl  # noqa: E402
 from ratiorl.integrations.trl import RatioGRPOTrainer, check_no_liger_loss, mismatch_from_trl  # noqa: E402
 
 from ..objectives._trl_harness import TRLLoss  # noqa: E402
+from ..ports import free_port  # noqa: E402
 
 
 def test_liger_loss_is_an_error():
@@ -137,11 +137,6 @@ def test_compute_loss_passes_trl_sampling_logps_as_behaviour_logp(env):
         trainer.compute_loss(trainer.model, inputs)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow  # about 30 s on 2 cores: two processes import torch/TRL, build 4 trainers, one real step
 def test_accelerate_launch_two_cpu_processes(env, tmp_path):
@@ -150,7 +145,7 @@ def test_accelerate_launch_two_cpu_processes(env, tmp_path):
     worker = Path(__file__).with_name("_accelerate_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(worker), str(env.model_dir), str(tmp_path)]
+           "--main_process_port", str(free_port()), str(worker), str(env.model_dir), str(tmp_path)]
     envv = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=envv, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]

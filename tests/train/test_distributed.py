@@ -9,7 +9,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ import yaml
 from ratiorl.train import Trainer, load_config
 from ratiorl.train.distributed import LOCAL, Dist, shard_prompts
 
+from ..ports import free_port
 from .conftest import tiny_overrides
 
 OBJECTIVES = ("dapo", "gspo", "snib")
@@ -35,11 +35,6 @@ def _settings(name: str) -> dict:
     # counts must be global in every micro-batch
     return {"objective.name": name, "optim.max_grad_norm": 0.0, "optim.eps": 1e-3, "train.grad_accum": 2}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result(trainer, batch) -> dict:
@@ -81,7 +76,7 @@ def test_one_update_on_a_fixed_batch_equals_one_process(tiny_model_dir, tmp_path
         trainer.close()
     torch.save(batches, tmp_path / "batches.pt")
 
-    mp.start_processes(_worker, args=(_free_port(), tiny_model_dir, str(tmp_path), str(tmp_path / "batches.pt"),
+    mp.start_processes(_worker, args=(free_port(), tiny_model_dir, str(tmp_path), str(tmp_path / "batches.pt"),
                                       str(tmp_path / "result")), nprocs=WORLD, join=True, start_method="spawn")
     ranks = [torch.load(f"{tmp_path / 'result'}.{r}", weights_only=False) for r in range(WORLD)]
     for name in OBJECTIVES:

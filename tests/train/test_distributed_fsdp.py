@@ -15,7 +15,6 @@
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -29,6 +28,7 @@ from ratiorl.train import Trainer, load_config
 from ratiorl.train.distributed import shard_prompts
 from ratiorl.train.fsdp import full_tensor, gather_full, pad_completions, shard_like, transformer_blocks
 
+from ..ports import free_port
 from .conftest import tiny_overrides
 
 WORLD = 2
@@ -57,11 +57,6 @@ CASES = {
 }
 STEP_AFTER = ("dapo", "lag", "lora")  # then one whole step: sampling with gathered weights, ranks of unequal lengths
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result(trainer, batch) -> dict:
@@ -150,7 +145,7 @@ def _compare_with_one_process(names, model_dir, tmp_path) -> dict:
         trainer.close()
     torch.save(batches, tmp_path / "batches.pt")
 
-    mp.start_processes(_worker, args=(_free_port(), model_dir, str(tmp_path), str(tmp_path / "batches.pt"),
+    mp.start_processes(_worker, args=(free_port(), model_dir, str(tmp_path), str(tmp_path / "batches.pt"),
                                       str(tmp_path / "result"), list(names)), nprocs=WORLD, join=True,
                        start_method="spawn")
     ranks = [torch.load(f"{tmp_path / 'result'}.{r}", weights_only=False) for r in range(WORLD)]
