@@ -37,6 +37,7 @@ from ratiorl.policy import is_peft_model, position_ids_from_mask
 from ratiorl.policy.compat import cache_kwarg, cache_row_selector, output_cache
 
 from .batch import Rollout
+from .decoder import LeanDecoder
 from .stops import StopStrings
 from .truncation import check_sampling_options, sample_tokens, truncated_logp
 
@@ -115,9 +116,13 @@ class HFRolloutEngine:
     compact_finished = True
     COMPACT_FRACTION = 8
 
-    def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None):
+    def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None,
+                 decoder: str = "auto"):
+        if decoder not in ("auto", "hf"):
+            raise ValueError(f"decoder must be 'auto' (the lean decoder where supported) or 'hf', got {decoder!r}")
         self.model = _unwrap(model)
         self.tokenizer = tokenizer
+        self.decoder = decoder  # "auto": decode steps through LeanDecoder when the model has a layout
         eos = set()
         for src in (eos_token_id, getattr(tokenizer, "eos_token_id", None),
                     getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
@@ -198,11 +203,18 @@ class HFRolloutEngine:
         itself when nothing is truncated."""
         return truncated_logp(logp_all, top_k, top_p, min_p)
 
+    def lean_decoder(self) -> LeanDecoder | None:
+        """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (static KV cache,
+        ``ratiorl.rollout.decoder``) when ``decoder="auto"`` and the model has a layout, else None
+        (transformers' forward)."""
+        return LeanDecoder.for_model(self.model) if self.decoder == "auto" else None
+
     @staticmethod
-    def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None):
+    def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None, expand: bool = True):
         """Prompt forward (last position's logits only), then cache and logits repeated G times
         per row (rows g*G .. g*G+G-1 get prompt g), or, with ``rows``, row r gets prompt
-        ``rows[r]``. None if the model's cache cannot be expanded so."""
+        ``rows[r]``. None if the model's cache cannot be expanded so. ``expand=False``: the cache
+        keeps one row per prompt (only the logits are expanded)."""
         pos = position_ids_from_mask(mask)
         prefill = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         try:  # only the last position's logits are needed
@@ -210,7 +222,9 @@ class HFRolloutEngine:
         except TypeError:  # a model whose forward has no logits_to_keep
             out = model(**prefill)
         cache = output_cache(out)
-        if rows is not None:
+        if not expand:
+            out.logits = out.logits[:, -1:].index_select(0, rows)
+        elif rows is not None:
             select = cache_row_selector(cache)
             if select is None:
                 return None
@@ -304,17 +318,25 @@ class HFRolloutEngine:
         next_pos = position_ids_from_mask(prompt_mask)[:, -1] + 1
         pad = torch.tensor(self.pad_token_id, device=dev)
 
-        was_training = model.training
+        was_training, lean = model.training, None
         model.eval()
         try:
             with torch.inference_mode():
                 # Prefill each distinct prompt once (P rows, not R) and hand its KV cache to its
                 # rows: the completions of a prompt share the prompt's keys and values.
-                out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G, row_prompt.to(dev) if with_greedy else None)
-                if out is None:  # a cache type that cannot be expanded: prefill every row
-                    out = self._prefill(model, prompt_ids, prompt_mask, 1)
-                past = output_cache(out)
-                keep_rows = cache_row_selector(past) if self.compact_finished else None
+                lean = self.lean_decoder()
+                if lean is not None:  # decode steps over a static cache filled from this prefill
+                    out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G, row_prompt.to(dev), expand=False)
+                    lean.start(output_cache(out), row_prompt.to(dev), prompt_mask, next_pos, max_new_tokens)
+                    past = None
+                    keep_rows = lean.keep if self.compact_finished else None
+                else:
+                    out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G,
+                                        row_prompt.to(dev) if with_greedy else None)
+                    if out is None:  # a cache type that cannot be expanded: prefill every row
+                        out = self._prefill(model, prompt_ids, prompt_mask, 1)
+                    past = output_cache(out)
+                    keep_rows = cache_row_selector(past) if self.compact_finished else None
                 cache_arg = cache_kwarg(model)
                 # Every row's last logits, (R, V): the model runs on the rows still generating
                 # (``active``; None = all) and only their rows are refreshed; a finished row's
@@ -358,20 +380,26 @@ class HFRolloutEngine:
                             keep = (~done).nonzero().squeeze(1)
                             keep_rows(keep)
                             active = rows[keep]
-                    if active is None:
-                        step_in = dict(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
-                                       position_ids=(next_pos + t)[:, None])
+                    if lean is not None:
+                        new_logits = lean.step(tok if active is None else tok[active], t)
                     else:
-                        step_in = dict(input_ids=tok[active, None], attention_mask=attn[active, : Tp + t + 1],
-                                       position_ids=(next_pos[active] + t)[:, None])
-                    out = model(**step_in, use_cache=True, **{cache_arg: past})
-                    past = output_cache(out)
+                        if active is None:
+                            step_in = dict(input_ids=tok[:, None], attention_mask=attn[:, : Tp + t + 1],
+                                           position_ids=(next_pos + t)[:, None])
+                        else:
+                            step_in = dict(input_ids=tok[active, None], attention_mask=attn[active, : Tp + t + 1],
+                                           position_ids=(next_pos[active] + t)[:, None])
+                        out = model(**step_in, use_cache=True, **{cache_arg: past})
+                        past = output_cache(out)
+                        new_logits = out.logits[:, -1]
                     if active is None:
-                        logits = out.logits[:, -1]
+                        logits = new_logits
                     else:  # (the previous step's logits tensor, no longer read, is updated in place)
-                        logits[active] = out.logits[:, -1].to(logits.dtype)
+                        logits[active] = new_logits.to(logits.dtype)
         finally:
             model.train(was_training)
+            if lean is not None:
+                lean.close()
         del past, out
 
         def part(rows: slice, group_ids: torch.Tensor) -> Rollout:

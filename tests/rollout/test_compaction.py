@@ -6,35 +6,49 @@ import torch
 
 from ratiorl.policy import Policy
 from ratiorl.rollout import HFRolloutEngine
+from ratiorl.rollout.decoder import LeanDecoder
 
 PROMPTS = ["12+34=", "7+5=", "a much longer prompt: 99+1=", "x", "3+3=", "10+9="]
 
 
-def engines(path):
+def engines(path, decoder="auto", full_decoder=None):
     policy = Policy.from_pretrained(path, reference="none")
-    compact = HFRolloutEngine(policy.model, policy.tokenizer)
-    full = HFRolloutEngine(policy.model, policy.tokenizer)
+    compact = HFRolloutEngine(policy.model, policy.tokenizer, decoder=decoder)
+    full = HFRolloutEngine(policy.model, policy.tokenizer, decoder=full_decoder or decoder)
     full.compact_finished = False
     return compact, full
 
 
-def batch_sizes(model):
+def batch_sizes(model, monkeypatch=None):
+    """Rows of every forward: transformers' (prefill, and decode steps with decoder="hf"), and with
+    ``monkeypatch`` the lean decoder's decode steps."""
     sizes = []
     handle = model.register_forward_pre_hook(lambda m, args, kw: sizes.append(kw["input_ids"].shape), with_kwargs=True)
+    if monkeypatch is not None:
+        step = LeanDecoder.step
+
+        def counting_step(self, tokens, t):
+            sizes.append(tokens[:, None].shape)
+            return step(self, tokens, t)
+
+        monkeypatch.setattr(LeanDecoder, "step", counting_step)
     return sizes, handle
 
 
+@pytest.mark.parametrize("decoder", ["auto", "hf"])
 @pytest.mark.parametrize("model_dir", ["eos_model_dir", "llama_dir"])
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, min_p=0.05),
                                 dict(temperature=0.0), dict(temperature=1.0, stop=["1", "+"])])
-def test_same_samples_with_and_without_dropping_finished_rows(request, model_dir, kw):
-    compact, full = engines(request.getfixturevalue(model_dir))
+def test_same_samples_with_and_without_dropping_finished_rows(request, monkeypatch, model_dir, kw, decoder):
+    compact, full = engines(request.getfixturevalue(model_dir), decoder)
+    assert (compact.lean_decoder() is not None) == (decoder == "auto")
     G = 1 if kw["temperature"] == 0 else 5
-    sizes, handle = batch_sizes(compact.model)
+    sizes, handle = batch_sizes(compact.model, monkeypatch if decoder == "auto" else None)
     try:
         a = compact.generate(PROMPTS, G, max_new_tokens=14, generator=torch.Generator().manual_seed(9), **kw)
     finally:
         handle.remove()
+        monkeypatch.undo()
     b = full.generate(PROMPTS, G, max_new_tokens=14, generator=torch.Generator().manual_seed(9), **kw)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
     assert a.completion_texts == b.completion_texts and torch.equal(a.truncated, b.truncated)
@@ -79,7 +93,7 @@ def assert_same_rollout(x, y):
 @pytest.mark.parametrize("kw", [dict(temperature=0.9), dict(temperature=1.0, top_k=5, min_p=0.05, stop=["1"]),
                                 dict(temperature=0.0)])
 def test_generate_with_greedy_is_the_two_calls_with_one_prefill(eos_model_dir, kw):
-    compact, full = engines(eos_model_dir)
+    compact, full = engines(eos_model_dir, full_decoder="hf")  # (transformers' forward: every step seen by a hook)
     s, g = compact.generate_with_greedy(PROMPTS, 4, max_new_tokens=12, generator=torch.Generator().manual_seed(4), **kw)
     sizes, handle = batch_sizes(full.model)
     try:

@@ -1,0 +1,316 @@
+"""A lean decode step with a preallocated KV cache, for the architectures RL fine-tunes most.
+
+Why. A decode step of RL sampling runs the model on one new token per row. transformers' forward
+does that through many small modules, a growing cache (``torch.cat`` of every layer's keys and
+values at every step) and ``scaled_dot_product_attention``, whose CPU kernel is slow for a single
+query: measured here (2 threads, 64 rows x 6 heads x 70 positions x 64) 0.32 ms a call in float32
+and 1.86 ms in bfloat16, against 0.43 ms for the two matmuls below with bf16 inputs upcast. The
+lean step computes the same function with a dozen tensor operations per layer, writing each
+new key and value into a cache allocated once per ``generate`` call.
+
+What it computes, per layer, for the new token of every row (x: (R, E) hidden states):
+
+    GPT-2     h = LN_1(x);  q, k, v = h W_qkv + b_qkv;  x += attn(q, k, v) W_o + b_o
+              h = LN_2(x);  x += act(h W_fc + b_fc) W_proj + b_proj          (act: the config's)
+    Llama     h = RMS_in(x);  q, k, v = h [W_q; W_k; W_v]^T (+ bias, Qwen2)
+    (Qwen2,   q, k <- RoPE(q, k, position)  (the model's own rotary module: its cos and sin)
+    Mistral)  x += attn(q, k, v) W_o^T;  h = RMS_post(x);  x += (silu(h W_g^T) * (h W_u^T)) W_d^T
+
+    attn(q, k, v) = softmax(q K^T / sqrt(d) + mask) V   over the cache columns written so far,
+                    each query head h reading key/value head h // (heads / kv_heads) (GQA)
+
+then the final norm and the output head (tied to the input embedding or not). The keys and
+values of the cache and the attention itself are float32 whatever the weights' dtype (bf16
+attention is slower on CPU and rounds the softmax); the matmuls with the weights run in the
+weights' dtype, as transformers' forward does.
+
+The cache is (layers, rows, kv heads, Tp + max_new_tokens, head dim): column c holds position
+c of ``cat(left-padded prompt, completion)``. The prompt's columns come from transformers'
+prefill (which knows every model's padding and positions); ``mask`` is -inf on padding columns.
+Finished rows leave with ``keep(rows)`` (one ``index_select`` of the cache).
+
+With a PEFT LoRA model the step uses the merged weights W + B A s (computed once per ``start``);
+the prefill runs through the PEFT model itself. ``LeanDecoder.for_model(model)`` returns None for
+any architecture or option it does not cover (then the engine keeps transformers' forward):
+``ARCHITECTURES`` maps ``config.model_type`` to a layout, and each layout declares what it
+supports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ratiorl._registry import Registry
+
+ARCHITECTURES = Registry("lean decoder architecture")
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def _base_model(model):
+    get_base = getattr(model, "get_base_model", None)  # a PEFT wrapper
+    return get_base() if callable(get_base) else model
+
+
+def _weights(model) -> dict:
+    """name -> tensor of the plain model, LoRA deltas merged (no copy without LoRA)."""
+    from .engine import merged_state_dict  # noqa: PLC0415  (engine imports this module)
+
+    return merged_state_dict(model)
+
+
+class GPT2Layout:
+    """transformers' GPT2LMHeadModel (Conv1D weights stored (in, out))."""
+
+    @staticmethod
+    def unsupported(cfg) -> str | None:
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+            return "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn"
+        if not getattr(cfg, "scale_attn_weights", True):
+            return "scale_attn_weights=False"
+        if getattr(cfg, "add_cross_attention", False):
+            return "cross attention"
+        if cfg.activation_function not in ACTIVATIONS:
+            return f"activation {cfg.activation_function!r}"
+        return None
+
+    def __init__(self, model, cfg):
+        sd = _weights(model)
+        self.L, self.heads, self.kv_heads = cfg.n_layer, cfg.n_head, cfg.n_head
+        self.E = cfg.n_embd
+        self.head_dim = self.E // self.heads
+        self.eps, self.act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function]
+        p = "transformer."
+        self.wte, self.wpe = sd[p + "wte.weight"], sd[p + "wpe.weight"]
+        self.head = sd.get("lm_head.weight", self.wte)
+        self.ln_f = (sd[p + "ln_f.weight"], sd[p + "ln_f.bias"])
+        names = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias")
+        self.layers = [tuple(sd[f"{p}h.{i}.{n}"] for n in names) for i in range(self.L)]
+        self.dtype = self.wte.dtype
+
+    def embed(self, tok, pos):
+        return self.wte[tok] + self.wpe[pos]
+
+    def qkv(self, i, x, pos):
+        ln_w, ln_b, w_qkv, b_qkv = self.layers[i][:4]
+        h = F.layer_norm(x, (self.E,), ln_w, ln_b, self.eps)
+        q, k, v = torch.addmm(b_qkv, h, w_qkv).split(self.E, dim=-1)
+        return q, k, v
+
+    def after_attention(self, i, x, a):
+        _, _, _, _, w_o, b_o, ln_w, ln_b, w_fc, b_fc, w_proj, b_proj = self.layers[i]
+        x = x + torch.addmm(b_o, a, w_o)
+        h = F.layer_norm(x, (self.E,), ln_w, ln_b, self.eps)
+        return x + torch.addmm(b_proj, self.act(torch.addmm(b_fc, h, w_fc)), w_proj)
+
+    def logits(self, x):
+        return F.linear(F.layer_norm(x, (self.E,), *self.ln_f, self.eps), self.head)
+
+
+def _rms_norm(x, w, eps):
+    """transformers' LlamaRMSNorm: normalised in float32, cast back, times the weight."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class LlamaLayout:
+    """transformers' LlamaForCausalLM and its kin (Qwen2: biases on q, k, v; Mistral)."""
+
+    @staticmethod
+    def unsupported(cfg) -> str | None:
+        if getattr(cfg, "pretraining_tp", 1) != 1:
+            return "pretraining_tp != 1"
+        if getattr(cfg, "mlp_bias", False):
+            return "mlp_bias"
+        if getattr(cfg, "hidden_act", "silu") not in ACTIVATIONS:
+            return f"activation {cfg.hidden_act!r}"
+        window = getattr(cfg, "sliding_window", None)
+        if window is not None and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
+            return "sliding window attention"
+        if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+            return "layers other than full attention"
+        return None
+
+    def __init__(self, model, cfg):
+        sd = _weights(model)
+        base = _base_model(model)
+        self.rotary = base.model.rotary_emb  # the model's own cos / sin (any RoPE scaling it has)
+        self.L, self.heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps, self.act = cfg.rms_norm_eps, ACTIVATIONS[getattr(cfg, "hidden_act", "silu")]
+        self.embed_tokens = sd["model.embed_tokens.weight"]
+        self.head = sd.get("lm_head.weight", self.embed_tokens)
+        self.norm = sd["model.norm.weight"]
+        self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.layers = []
+        with torch.no_grad():
+            for i in range(self.L):
+                p = f"model.layers.{i}."
+                a = p + "self_attn."
+                w_qkv = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
+                b_qkv = None
+                if a + "q_proj.bias" in sd:
+                    b_qkv = torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
+                w_gu = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+                self.layers.append((sd[p + "input_layernorm.weight"], w_qkv, b_qkv, sd[a + "o_proj.weight"],
+                                    sd.get(a + "o_proj.bias"), sd[p + "post_attention_layernorm.weight"], w_gu,
+                                    sd[p + "mlp.down_proj.weight"]))
+        self.dtype = self.embed_tokens.dtype
+        self._pos = None
+
+    def embed(self, tok, pos):
+        cos, sin = self.rotary(torch.empty(0, dtype=torch.float32, device=pos.device), pos[:, None])
+        self._pos = (cos[:, :, None, :], sin[:, :, None, :])  # (R, 1, 1, D): float32, shared by all layers
+        return self.embed_tokens[tok]
+
+    def qkv(self, i, x, pos):
+        ln_w, w_qkv, b_qkv = self.layers[i][:3]
+        q, k, v = F.linear(_rms_norm(x, ln_w, self.eps), w_qkv, b_qkv).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        cos, sin = self._pos
+        R = x.shape[0]
+        q = q.float().view(R, 1, self.heads, self.head_dim)
+        k = k.float().view(R, 1, self.kv_heads, self.head_dim)
+        q = (q * cos + _rotate_half(q) * sin).view(R, -1)
+        k = (k * cos + _rotate_half(k) * sin).view(R, -1)
+        return q, k, v
+
+    def after_attention(self, i, x, a):
+        _, _, _, w_o, b_o, ln_w, w_gu, w_d = self.layers[i]
+        x = x + F.linear(a, w_o, b_o)
+        g, u = F.linear(_rms_norm(x, ln_w, self.eps), w_gu).chunk(2, dim=-1)
+        return x + F.linear(self.act(g) * u, w_d)
+
+    def logits(self, x):
+        return F.linear(_rms_norm(x, self.norm, self.eps), self.head)
+
+
+for _name in ("gpt2",):
+    ARCHITECTURES.register(_name)(GPT2Layout)
+for _name in ("llama", "qwen2", "mistral"):
+    ARCHITECTURES.register(_name)(LlamaLayout)
+
+
+def _sharded(model) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class LeanDecoder:
+    """Decode steps of a supported model over a static KV cache (see the module docstring).
+
+    ``start(cache, rows, prompt_mask, positions, max_new_tokens)`` takes the prefill's
+    transformers cache (one row per distinct prompt, or per row), ``rows`` (row -> cache row),
+    the rows' left-padded prompt mask (R, Tp) and each row's first completion position;
+    ``step(tokens, t)`` feeds completion token t of the rows still in the batch and returns their
+    next-token logits (rows, V) in the weights' dtype; ``keep(rows)`` keeps only those rows.
+    """
+
+    def __init__(self, model, layout_cls):
+        self.model, self.layout_cls = model, layout_cls
+        self.layout = None
+
+    @classmethod
+    def unsupported_reason(cls, model) -> str | None:
+        cfg = getattr(_base_model(model), "config", None)
+        if cfg is None:
+            return "no transformers config"
+        layout = ARCHITECTURES.get(getattr(cfg, "model_type", None))
+        if layout is None:
+            return f"no lean layout for model_type {getattr(cfg, 'model_type', None)!r}"
+        if _sharded(model):
+            return "sharded (DTensor) parameters"
+        return layout.unsupported(cfg)
+
+    @classmethod
+    def for_model(cls, model) -> "LeanDecoder | None":
+        """A decoder for ``model`` (a transformers causal LM or its PEFT wrapper), or None."""
+        if cls.unsupported_reason(model) is not None:
+            return None
+        return cls(model, ARCHITECTURES[_base_model(model).config.model_type])
+
+    @torch.no_grad()
+    def start(self, cache, rows: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
+              max_new_tokens: int) -> None:
+        cfg = _base_model(self.model).config
+        self.layout = lay = self.layout_cls(self.model, cfg)  # the current weights
+        R, Tp = prompt_mask.shape
+        dev = prompt_mask.device
+        shape = (lay.L, R, lay.kv_heads, Tp + max_new_tokens, lay.head_dim)
+        # empty: a column is written (the prompt's now, completion token t's at step t) before it is read
+        self.K = torch.empty(shape, dtype=torch.float32, device=dev)
+        self.V = torch.empty(shape, dtype=torch.float32, device=dev)
+        for i in range(lay.L):
+            k, v = _layer_kv(cache, i)
+            self.K[i, :, :, :Tp] = k.index_select(0, rows)
+            self.V[i, :, :, :Tp] = v.index_select(0, rows)
+        self.written = Tp
+        self.mask = torch.zeros((R, Tp + max_new_tokens), dtype=torch.float32, device=dev)
+        self.mask[:, :Tp].masked_fill_(prompt_mask == 0, float("-inf"))
+        self.positions = positions.clone()
+        self.Tp = Tp
+        self.scale = lay.head_dim ** -0.5
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        lay, R = self.layout, tokens.shape[0]
+        col = self.Tp + t  # the cache column of completion token t
+        n = col + 1
+        pos = self.positions + t
+        x = lay.embed(tokens, pos)
+        group = lay.heads // lay.kv_heads
+        mask = self.mask[:, None, None, :n]  # (R, 1, 1, n)
+        for i in range(lay.L):
+            q, k, v = lay.qkv(i, x, pos)
+            self.K[i, :, :, col].copy_(k.view(R, lay.kv_heads, lay.head_dim))  # (cast to float32 on the way)
+            self.V[i, :, :, col].copy_(v.view(R, lay.kv_heads, lay.head_dim))
+            q = q.float().view(R, lay.kv_heads, group, lay.head_dim)
+            scores = torch.matmul(q, self.K[i, :, :, :n].transpose(-1, -2)).mul_(self.scale).add_(mask)
+            a = torch.matmul(torch.softmax(scores, dim=-1), self.V[i, :, :, :n])  # (R, kv, group, D)
+            x = lay.after_attention(i, x, a.reshape(R, -1).to(lay.dtype))
+        self.written = n
+        return lay.logits(x)
+
+    @torch.no_grad()
+    def keep(self, rows: torch.Tensor) -> None:
+        n = self.written  # only the columns written so far are worth copying
+        for name in ("K", "V"):
+            old = getattr(self, name)
+            new = torch.empty((old.shape[0], len(rows)) + old.shape[2:], dtype=old.dtype, device=old.device)
+            new[:, :, :, :n] = old[:, :, :, :n].index_select(1, rows)
+            setattr(self, name, new)
+        self.mask, self.positions = self.mask.index_select(0, rows), self.positions.index_select(0, rows)
+
+    def close(self) -> None:
+        self.layout = self.K = self.V = None
+
+
+def _layer_kv(cache, i):
+    """Keys and values of layer ``i`` of a transformers cache (5.x ``layers``, or 4.x lists)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[i].keys, layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+__all__ = ["ARCHITECTURES", "LeanDecoder"]
