@@ -29,7 +29,8 @@ c of ``cat(left-padded prompt, completion)``. The prompt's columns come from tra
 prefill (which knows every model's padding and positions); ``mask`` is -inf on padding columns.
 Finished rows leave with ``keep(rows)`` (one ``index_select`` of the cache).
 
-With a PEFT LoRA model the step uses the merged weights W + B A s (computed once per ``start``);
+With a PEFT LoRA model the step uses the merged weights W + B A s (computed once per weight
+version: ``current_layout``);
 the prefill runs through the PEFT model itself. ``LeanDecoder.for_model(model)`` returns None for
 any architecture or option it does not cover (then the engine keeps transformers' forward):
 ``ARCHITECTURES`` maps ``config.model_type`` to a layout, and each layout declares what it
@@ -158,20 +159,14 @@ class LlamaLayout:
         self.embed_tokens = sd["model.embed_tokens.weight"]
         self.head = sd.get("lm_head.weight", self.embed_tokens)
         self.norm = sd["model.norm.weight"]
-        self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.layers = []
-        with torch.no_grad():
-            for i in range(self.L):
-                p = f"model.layers.{i}."
-                a = p + "self_attn."
-                w_qkv = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
-                b_qkv = None
-                if a + "q_proj.bias" in sd:
-                    b_qkv = torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
-                w_gu = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-                self.layers.append((sd[p + "input_layernorm.weight"], w_qkv, b_qkv, sd[a + "o_proj.weight"],
-                                    sd.get(a + "o_proj.bias"), sd[p + "post_attention_layernorm.weight"], w_gu,
-                                    sd[p + "mlp.down_proj.weight"]))
+        for i in range(self.L):  # separate q, k, v (gate, up) matmuls: fusing them would copy the weights
+            p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+            self.layers.append(tuple(sd.get(n) for n in (
+                p + "input_layernorm.weight", a + "q_proj.weight", a + "q_proj.bias", a + "k_proj.weight",
+                a + "k_proj.bias", a + "v_proj.weight", a + "v_proj.bias", a + "o_proj.weight", a + "o_proj.bias",
+                p + "post_attention_layernorm.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
+                p + "mlp.down_proj.weight")))
         self.dtype = self.embed_tokens.dtype
         self._pos = None
 
@@ -181,9 +176,9 @@ class LlamaLayout:
         return self.embed_tokens[tok]
 
     def qkv(self, i, x, pos):
-        ln_w, w_qkv, b_qkv = self.layers[i][:3]
-        q, k, v = F.linear(_rms_norm(x, ln_w, self.eps), w_qkv, b_qkv).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        ln_w, w_q, b_q, w_k, b_k, w_v, b_v = self.layers[i][:7]
+        h = _rms_norm(x, ln_w, self.eps)
+        q, k, v = F.linear(h, w_q, b_q), F.linear(h, w_k, b_k), F.linear(h, w_v, b_v)
         cos, sin = self._pos
         R = x.shape[0]
         q = q.float().view(R, 1, self.heads, self.head_dim)
@@ -193,10 +188,10 @@ class LlamaLayout:
         return q, k, v
 
     def after_attention(self, i, x, a):
-        _, _, _, w_o, b_o, ln_w, w_gu, w_d = self.layers[i]
+        w_o, b_o, ln_w, w_g, w_u, w_d = self.layers[i][7:]
         x = x + F.linear(a, w_o, b_o)
-        g, u = F.linear(_rms_norm(x, ln_w, self.eps), w_gu).chunk(2, dim=-1)
-        return x + F.linear(self.act(g) * u, w_d)
+        h = _rms_norm(x, ln_w, self.eps)
+        return x + F.linear(self.act(F.linear(h, w_g)) * F.linear(h, w_u), w_d)
 
     def logits(self, x):
         return F.linear(_rms_norm(x, self.norm, self.eps), self.head)
@@ -228,7 +223,17 @@ class LeanDecoder:
 
     def __init__(self, model, layout_cls):
         self.model, self.layout_cls = model, layout_cls
-        self.layout = None
+        self.layout, self.weights_version = None, None
+
+    def current_layout(self):
+        """The layout over the model's current weights, rebuilt only when a parameter changed
+        since the last call (an optimizer step or a weight sync bumps its version counter): a
+        LoRA model's merged weights are computed once per weight version, not once per call."""
+        version = tuple((id(p), p._version) for p in self.model.parameters())
+        if self.layout is None or version != self.weights_version:
+            self.layout = self.layout_cls(self.model, _base_model(self.model).config)
+            self.weights_version = version
+        return self.layout
 
     @classmethod
     def unsupported_reason(cls, model) -> str | None:
@@ -252,8 +257,7 @@ class LeanDecoder:
     @torch.no_grad()
     def start(self, cache, rows: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
               max_new_tokens: int) -> None:
-        cfg = _base_model(self.model).config
-        self.layout = lay = self.layout_cls(self.model, cfg)  # the current weights
+        lay = self.current_layout()
         R, Tp = prompt_mask.shape
         dev = prompt_mask.device
         shape = (lay.L, R, lay.kv_heads, Tp + max_new_tokens, lay.head_dim)
@@ -302,7 +306,8 @@ class LeanDecoder:
         self.mask, self.positions = self.mask.index_select(0, rows), self.positions.index_select(0, rows)
 
     def close(self) -> None:
-        self.layout = self.K = self.V = None
+        """Free the cache (the layout stays for the next call with the same weights)."""
+        self.K = self.V = self.mask = None
 
 
 def _layer_kv(cache, i):

@@ -91,18 +91,26 @@ def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, m
     return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
 
 
+def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``probs`` (R, V), rows summing to 1 (zeros allowed), by inverse CDF:
+    u ~ U[0, 1) per row, token = the first index whose cumulative probability exceeds u * total
+    (cumulated in float64). One uniform per row, so a row's draw depends only on its own
+    distribution and on the generator's state; a zero-probability token is never drawn (its
+    cumulative value equals its predecessor's). ``torch.multinomial`` draws one exponential per
+    entry instead: 65 ms a step for 64 rows x 49,152 tokens here, against a few for this."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def sample_tokens(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                   generator: torch.Generator | None = None) -> tuple:
     """Draw one token per row of ``logp_all`` (R, V) from the truncated distribution; returns
     ``(tokens, log q of them)``. A row's draw depends only on that row and the generator's state
-    (``torch.multinomial`` draws one exponential per entry of the (R, V) matrix)."""
+    (``draw_from``: one uniform per row)."""
     logq = truncated_logp(logp_all, top_k, top_p, min_p)
-    if logq is logp_all:
-        tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-    else:  # draw in sorted order (the same draw as an untruncated sort-and-mask sampler)
-        q_sorted, order = logq.exp().sort(dim=-1, descending=True)
-        tok = order.gather(-1, torch.multinomial(q_sorted, 1, generator=generator)).squeeze(-1)
+    tok = draw_from(logq.exp(), generator)
     return tok, logq.gather(-1, tok[:, None]).squeeze(-1)
 
 
-__all__ = ["check_sampling_options", "sample_tokens", "sampling_options", "truncated_logp"]
+__all__ = ["check_sampling_options", "draw_from", "sample_tokens", "sampling_options", "truncated_logp"]

@@ -158,3 +158,18 @@ def test_unsupported_models_keep_transformers_forward():
     assert {"gpt2", "llama", "qwen2", "mistral"} <= set(ARCHITECTURES)
     with pytest.raises(ValueError, match="decoder must be"):
         HFRolloutEngine(model, tok, decoder="fast")
+
+
+@pytest.mark.parametrize("name", ["llama+lora", "gpt2"])
+def test_weights_changed_in_place_are_seen_by_the_next_call(name):
+    """The decoder keeps its (merged) weights between calls only while no parameter changed."""
+    model, tok = MODELS[name]()
+    lean, hf = engines(model, tok)
+    lean.generate(PROMPTS, 2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # what an optimizer step does: in place
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    a = lean.generate(PROMPTS, 3, max_new_tokens=10, generator=torch.Generator().manual_seed(1))
+    b = hf.generate(PROMPTS, 3, max_new_tokens=10, generator=torch.Generator().manual_seed(1))
+    assert_same(a, b)
