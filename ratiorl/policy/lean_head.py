@@ -26,6 +26,11 @@ gradients with respect to the logits of one row are
 
 and dz/dh = W/T, dz/dW = h/T, dz/db = 1/T (1). The one-hot part of (5) is applied with one
 gather / index_add outside the tile loop.
+
+``matmul_dtype=torch.bfloat16`` (mixed precision) runs the tile matmuls of (1) and of the
+backward with bfloat16 inputs (h/T and W cast once per call): each logit is rounded to bfloat16
+once, as a bfloat16 LM head's logits are, while the online log-sum-exp, the sums of (2)-(4), the
+coefficients of (5)-(7) and the gradient accumulators stay float32.
 """
 
 from __future__ import annotations
@@ -41,15 +46,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _tile_logits(hs, W, bs, v0, v1, cdtype, out):
+def _tile_logits(hs, W, bs, v0, v1, cdtype, out, low=None):
     """Tempered logits of one (token chunk, vocab chunk) tile, eq. (1), written into ``out``.
 
     The temperature is folded into the (small) inputs: hs = h / T and bs = b / T, so that
     z = hs W^T + bs costs one matmul and no extra pass over the tile. Low-precision weights are
     upcast per chunk so that bf16/fp16 models get float32 logits. Writing into a preallocated
     buffer matters on CPU: a fresh 32 MB tensor per tile costs more in page faults than the
-    elementwise work done on it.
+    elementwise work done on it. When ``hs`` and ``W`` are in a lower matmul dtype (mixed
+    precision) the product goes to the buffer ``low`` of that dtype and is copied into ``out``.
     """
+    if hs.dtype != cdtype:
+        out.copy_(torch.mm(hs, W[v0:v1].T, out=low))
+        return out if bs is None else out.add_(bs[v0:v1])
     Wc = W[v0:v1].to(cdtype)
     if bs is None:
         return torch.mm(hs, Wc.T, out=out)
@@ -59,29 +68,54 @@ def _tile_logits(hs, W, bs, v0, v1, cdtype, out):
 class _Workspace:
     """Reusable tile buffers: ``tile(k, rows, cols)`` is a contiguous (rows, cols) view."""
 
-    def __init__(self, n, rows, cols, dtype, device):
+    def __init__(self, n, rows, cols, dtype, device, low_dtype=None):
         self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(n)]
+        self.low = torch.empty(rows * cols, dtype=low_dtype, device=device) if low_dtype is not None else None
 
     def tile(self, k, rows, cols):
         return self.bufs[k][: rows * cols].view(rows, cols)
 
+    def low_tile(self, rows, cols):
+        """A (rows, cols) buffer in the matmul dtype (None without mixed precision)."""
+        return self.low[: rows * cols].view(rows, cols) if self.low is not None else None
 
-def _scaled(h, b, temperature, cdtype):
-    """(h / T, b / T) in the compute dtype."""
+
+def _scaled(h, b, temperature, cdtype, mdtype=None):
+    """(h / T, b / T) in the compute dtype; h / T in ``mdtype`` when the matmuls run in it."""
     hs = h.to(cdtype) / temperature
     bs = b.to(cdtype) / temperature if b is not None else None
-    return hs, bs
+    return (hs.to(mdtype) if mdtype is not None else hs), bs
+
+
+def _matmul_dtype(matmul_dtype, cdtype):
+    """The tile matmuls' dtype when it differs from the compute dtype, else None."""
+    return matmul_dtype if matmul_dtype is not None and matmul_dtype != cdtype else None
+
+
+def _matmul_weight(W, mdtype):
+    """W as the tile matmuls read it: cast once to ``mdtype`` for mixed precision."""
+    return W.to(mdtype) if mdtype is not None and W is not None else W
+
+
+def _reference_matmul_weight(W, Wm, ref_W, mdtype):
+    """The reference head for the matmuls: ``Wm`` again when it is the policy's head (a LoRA
+    reference with adapters disabled; ``ref_W`` is then a detached view of the same storage)."""
+    if ref_W is None:
+        return None
+    same = ref_W.data_ptr() == W.data_ptr() and ref_W.shape == W.shape and ref_W.stride() == W.stride()
+    return Wm if same and ref_W.dtype == W.dtype else _matmul_weight(ref_W, mdtype)
 
 
 def _target_logits(hs, W, bs, targets, cdtype):
-    """z_{n, y_n}: row-wise dot product of h/T with the gathered target rows of W."""
-    zt = torch.linalg.vecdot(hs, W[targets].to(cdtype))
+    """z_{n, y_n}: row-wise dot product of h/T with the gathered target rows of W (the matmul's
+    inputs, so that it is the tile's entry before the tile's rounding, accumulated in cdtype)."""
+    zt = torch.linalg.vecdot(hs.to(cdtype), W[targets].to(cdtype))
     if bs is not None:
         zt = zt + bs[targets]
     return zt
 
 
-def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, token_chunk, cdtype):
+def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, token_chunk, cdtype, mdtype=None):
     """Online pass over the vocabulary for every token chunk.
 
     Per row we keep (all relative to running maxima m, mq so nothing overflows):
@@ -98,7 +132,7 @@ def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, toke
     lseq = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None
     cross = torch.empty(N, dtype=cdtype, device=hs.device) if with_ref else None  # sum p log q
 
-    ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, hs.device)
+    ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, hs.device, mdtype)
     for n0 in range(0, N, token_chunk):
         n1 = min(N, n0 + token_chunk)
         hc = hs[n0:n1]
@@ -106,14 +140,15 @@ def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, toke
         m = s = a = mq = sq = c = None
         for v0 in range(0, V, vocab_chunk):
             v1 = min(V, v0 + vocab_chunk)
-            zs = _tile_logits(hc, W, bs, v0, v1, cdtype, ws.tile(0, n1 - n0, v1 - v0))
+            low = ws.low_tile(n1 - n0, v1 - v0)
+            zs = _tile_logits(hc, W, bs, v0, v1, cdtype, ws.tile(0, n1 - n0, v1 - v0), low)
             m_new = zs.amax(dim=1) if m is None else torch.maximum(m, zs.amax(dim=1))
             zs.sub_(m_new[:, None])  # z - m'
             e = torch.exp(zs, out=ws.tile(1, n1 - n0, v1 - v0))
             s_tile = e.sum(1)
             a_tile = zs.mul_(e).sum(1)  # sum_v e_v (z_v - m'); zs is not needed afterwards
             if with_ref:
-                zqs = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype, ws.tile(2, n1 - n0, v1 - v0))
+                zqs = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype, ws.tile(2, n1 - n0, v1 - v0), low)
                 mq_new = zqs.amax(dim=1) if mq is None else torch.maximum(mq, zqs.amax(dim=1))
                 zqs.sub_(mq_new[:, None])  # zq - mq'
                 c_tile = torch.mul(e, zqs, out=ws.tile(0, n1 - n0, v1 - v0)).sum(1)
@@ -146,24 +181,28 @@ def _forward_stats(hs, W, bs, ref_hs, ref_W, ref_bs, with_ref, vocab_chunk, toke
 class _LeanHeadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, targets, ref_h, ref_W, ref_b, temperature, with_entropy, with_kl,
-                vocab_chunk, token_chunk):
+                vocab_chunk, token_chunk, matmul_dtype):
         cdtype = _compute_dtype(h)
+        mdtype = _matmul_dtype(matmul_dtype, cdtype)
         with torch.no_grad():
-            hs, bs = _scaled(h, b, temperature, cdtype)
-            ref_hs, ref_bs = _scaled(ref_h, ref_b, temperature, cdtype) if with_kl else (None, None)
+            hs, bs = _scaled(h, b, temperature, cdtype, mdtype)
+            ref_hs, ref_bs = _scaled(ref_h, ref_b, temperature, cdtype, mdtype) if with_kl else (None, None)
+            Wm = _matmul_weight(W, mdtype)
+            ref_Wm = _reference_matmul_weight(W, Wm, ref_W, mdtype)
             lse, neg_ent, lseq, cross = _forward_stats(
-                hs, W, bs, ref_hs, ref_W, ref_bs, with_kl, vocab_chunk, token_chunk, cdtype
+                hs, Wm, bs, ref_hs, ref_Wm, ref_bs, with_kl, vocab_chunk, token_chunk, cdtype, mdtype
             )
-            logp = _target_logits(hs, W, bs, targets, cdtype) - lse  # eq. (2)
+            logp = _target_logits(hs, Wm, bs, targets, cdtype) - lse  # eq. (2)
             entropy = -neg_ent  # eq. (3)
             kl = (neg_ent - cross) if with_kl else None  # eq. (4)
             # log q(y_n) comes for free from the reference log-sum-exp of the same pass
-            ref_logp = (_target_logits(ref_hs, ref_W, ref_bs, targets, cdtype) - lseq) if with_kl else None
+            ref_logp = (_target_logits(ref_hs, ref_Wm, ref_bs, targets, cdtype) - lseq) if with_kl else None
         ctx.save_for_backward(h, W, b, targets, ref_h, ref_W, ref_b, lse, entropy,
                               lseq if with_kl else None, kl)
         ctx.temperature = temperature
         ctx.with_kl = with_kl
         ctx.chunks = (vocab_chunk, token_chunk)
+        ctx.mdtype = mdtype
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(targets)
         if ref_logp is not None:
@@ -179,11 +218,13 @@ class _LeanHeadFn(torch.autograd.Function):
         if ctx.with_kl is False:
             g_kl = None
         if not (need_h or need_W or need_b) or (g_logp is None and g_ent is None and g_kl is None):
-            return (None,) * 12
-        cdtype = lse.dtype
+            return (None,) * 13
+        cdtype, mdtype = lse.dtype, ctx.mdtype
         N, V = h.shape[0], W.shape[0]
-        hs, bs = _scaled(h, b, T, cdtype)
-        ref_hs, ref_bs = _scaled(ref_h, ref_b, T, cdtype) if g_kl is not None else (None, None)
+        hs, bs = _scaled(h, b, T, cdtype, mdtype)
+        ref_hs, ref_bs = _scaled(ref_h, ref_b, T, cdtype, mdtype) if g_kl is not None else (None, None)
+        Wm = _matmul_weight(W, mdtype)
+        ref_Wm = _reference_matmul_weight(W, Wm, ref_W, mdtype) if g_kl is not None else None
         # grad_h and grad_b are accumulated without the 1/T of eq. (1) and scaled once at the end;
         # grad_W uses hs = h/T, which already carries it.
         grad_h = torch.zeros(h.shape, dtype=cdtype, device=h.device) if need_h else None
@@ -197,9 +238,9 @@ class _LeanHeadFn(torch.autograd.Function):
         # One-hot part of eq. (5): dz_{n,y_n} += g_logp_n.
         if g_logp is not None:
             if need_h:
-                grad_h += gl[:, None] * W[targets].to(cdtype)
+                grad_h += gl[:, None] * Wm[targets].to(cdtype)
             if need_W:
-                grad_W.index_add_(0, targets, gl[:, None] * hs)
+                grad_W.index_add_(0, targets, gl[:, None] * hs.to(cdtype))
             if need_b:
                 grad_b.index_add_(0, targets, gl)
 
@@ -213,7 +254,7 @@ class _LeanHeadFn(torch.autograd.Function):
         c1 = gk - ge
         c2 = -gk
         use_c1 = g_ent is not None or g_kl is not None
-        ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, h.device)
+        ws = _Workspace(3, min(N, token_chunk), min(V, vocab_chunk), cdtype, h.device, mdtype)
         for n0 in range(0, N, token_chunk):
             n1 = min(N, n0 + token_chunk)
             hc = hs[n0:n1]
@@ -224,20 +265,28 @@ class _LeanHeadFn(torch.autograd.Function):
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
                 shape = (n1 - n0, v1 - v0)
-                coef = _tile_logits(hc, W, bs, v0, v1, cdtype, ws.tile(0, *shape)).sub_(lse_c)  # log p_v
+                low = ws.low_tile(*shape)
+                coef = _tile_logits(hc, Wm, bs, v0, v1, cdtype, ws.tile(0, *shape), low).sub_(lse_c)  # log p_v
                 p = torch.exp(coef, out=ws.tile(1, *shape))
                 if use_c1:
                     coef.mul_(c1_c).add_(c0_c)  # c0 + c1 log p_v
                 else:
                     coef.copy_(c0_c.expand(shape))
                 if g_kl is not None:
-                    logq_v = _tile_logits(rc, ref_W, ref_bs, v0, v1, cdtype, ws.tile(2, *shape)).sub_(lseq_c)
+                    logq_v = _tile_logits(rc, ref_Wm, ref_bs, v0, v1, cdtype, ws.tile(2, *shape), low).sub_(lseq_c)
                     coef.addcmul_(c2_c, logq_v)  # + c2 log q_v
                 dz = p.mul_(coef)  # dL/dz for this tile (before the 1/T of eq. (1))
-                if need_h:
-                    grad_h[n0:n1].addmm_(dz, W[v0:v1].to(cdtype))
-                if need_W:
-                    grad_W[v0:v1].addmm_(dz.T, hc)
+                if mdtype is not None:  # mixed precision: the matmuls in mdtype, sums in cdtype
+                    dzm = low.copy_(dz)
+                    if need_h:
+                        grad_h[n0:n1] += torch.mm(dzm, Wm[v0:v1])
+                    if need_W:
+                        grad_W[v0:v1] += torch.mm(dzm.T, hc)
+                else:
+                    if need_h:
+                        grad_h[n0:n1].addmm_(dz, W[v0:v1].to(cdtype))
+                    if need_W:
+                        grad_W[v0:v1].addmm_(dz.T, hc)
                 if need_b:
                     grad_b[v0:v1] += dz.sum(0)
 
@@ -245,7 +294,7 @@ class _LeanHeadFn(torch.autograd.Function):
             (grad_h / T).to(h.dtype) if need_h else None,
             grad_W.to(W.dtype) if need_W else None,
             (grad_b / T).to(b.dtype) if need_b else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -264,6 +313,7 @@ def lean_token_stats(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     return_ref_logp: bool = False,
+    matmul_dtype: torch.dtype | None = None,
 ):
     """Per-token log pi(y_n), entropy and exact KL(pi || pi_ref) from hidden states.
 
@@ -280,6 +330,9 @@ def lean_token_stats(
             logits exist at any time (about 0.2 GB at the defaults, float32).
         return_ref_logp: with ``with_kl``, also return log pi_ref(y_n) (no gradient), which
             the KL pass computes anyway.
+        matmul_dtype: None (the compute dtype: float32, float64 for float64 inputs) or a lower
+            precision (``torch.bfloat16``) for the tile matmuls only; the log-sum-exp, entropy,
+            KL and gradient accumulation stay in the compute dtype.
 
     Returns:
         (logp (N,), entropy (N,) or None, kl (N,) or None) in float32 (float64 if the inputs
@@ -305,6 +358,8 @@ def lean_token_stats(
         raise ValueError(f"bias must be (V,) = ({V},); got {tuple(bias.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if matmul_dtype is not None and not (isinstance(matmul_dtype, torch.dtype) and matmul_dtype.is_floating_point):
+        raise ValueError(f"matmul_dtype must be None or a floating-point torch.dtype, got {matmul_dtype!r}")
     if vocab_chunk < 1 or token_chunk < 1:
         raise ValueError(f"chunk sizes must be >= 1, got vocab_chunk={vocab_chunk}, token_chunk={token_chunk}")
     if with_kl:
@@ -328,7 +383,7 @@ def lean_token_stats(
         raise ValueError("return_ref_logp=True needs with_kl=True (and ref_hidden)")
     logp, ent, kl, ref_logp = _LeanHeadFn.apply(
         hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, float(temperature),
-        bool(with_entropy), bool(with_kl), int(vocab_chunk), int(token_chunk),
+        bool(with_entropy), bool(with_kl), int(vocab_chunk), int(token_chunk), matmul_dtype,
     )
     if return_ref_logp:
         return logp, ent, kl, ref_logp

@@ -15,16 +15,15 @@ import torch
 from torch import nn
 
 from . import models
+from .forward import bucket_overhead_tokens as default_bucket_overhead
 from .forward import position_ids_from_mask
 from .lean_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 from .loading import base_load_kwargs
 from .lora import lora_target_modules, uses_conv1d
 from .models import freeze, is_peft_model, require_peft, resolve_dtype
-from .scoring import TokenStats, completion_stats
+from .scoring import TokenStats, completion_stats, reference_logp
 
 REFERENCE_MODES = ("auto", "none", "separate", "adapter")
-
-# Old private name, kept as an alias for callers not yet moved to is_peft_model.
 
 __all__ = ["REFERENCE_MODES", "Policy", "TokenStats", "is_peft_model", "position_ids_from_mask"]
 
@@ -39,6 +38,21 @@ class Policy:
     in memory), ``"separate"`` (a frozen copy, loaded lazily from ``name_or_path`` the first
     time KL or reference log-probs are requested; without a path the copy is taken now),
     ``"none"``, and ``"auto"`` (adapter with LoRA, separate otherwise).
+
+    Speed options of the scoring forward (``completion_stats``); none changes a value beyond
+    float rounding (bf16 rounding for ``autocast_dtype``):
+
+    - ``share_prompts``: one prompt pass per group of identical consecutive prompt rows;
+    - ``length_buckets``: at most this many buckets of similar completion length, each trimmed
+      to its longest completion (1 = off); ``bucket_overhead_tokens`` is the cost of one more
+      bucket in token positions (the split is taken only when it saves more; None = from the
+      model's hidden size, ``forward.bucket_overhead_tokens``);
+    - ``autocast_dtype`` (None | ``torch.bfloat16``): the body under ``torch.autocast`` and the
+      head's matmuls in that dtype; weights, gradients and optimizer state keep the model's dtype.
+      With it, or with a bf16/fp16 model, attention runs in fp32 on CPU, where PyTorch's bf16
+      attention kernels are the slower ones (``models.sdpa_fp32_on_cpu``);
+    - ``gradient_checkpointing``: recompute each block's activations in the backward (less
+      memory, about one more forward of time); transformers' non-reentrant checkpointing.
     """
 
     def __init__(
@@ -54,6 +68,10 @@ class Policy:
         token_chunk: int = DEFAULT_TOKEN_CHUNK,
         share_prompts: bool = True,
         fuse_activations: bool = True,
+        length_buckets: int = 4,
+        bucket_overhead_tokens: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        gradient_checkpointing: bool = False,
     ):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"unknown reference mode {reference!r}; valid: {', '.join(REFERENCE_MODES)}")
@@ -67,7 +85,15 @@ class Policy:
         self.token_chunk = token_chunk
         self.share_prompts = share_prompts  # one prompt forward per group of identical prompts
         self.fuse_activations = fuse_activations
+        if int(length_buckets) < 1:
+            raise ValueError(f"length_buckets must be >= 1 (1 = off), got {length_buckets}")
+        self.length_buckets = int(length_buckets)
+        if autocast_dtype not in (None, torch.bfloat16):  # float16 would need a gradient scaler
+            raise ValueError(f"autocast_dtype must be None or torch.bfloat16, got {autocast_dtype!r}")
+        self.autocast_dtype = autocast_dtype
         self.is_lora = is_peft_model(model)
+        self.bucket_overhead_tokens = (float(bucket_overhead_tokens) if bucket_overhead_tokens is not None
+                                       else default_bucket_overhead(self.hf_model))
         if reference == "auto":
             reference = "adapter" if self.is_lora else "separate"
         if reference == "adapter" and not self.is_lora:
@@ -77,8 +103,15 @@ class Policy:
             models.disable_dropout(model)
         if fuse_activations:
             models.fuse_activations(model)
+        low_precision = next(self.hf_model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        # CPU attention kernels are slower in bf16 than in fp32: compute attention in fp32 there
+        self.fp32_attention = (autocast_dtype is not None or low_precision) and models.use_fp32_attention_on_cpu(
+            self.hf_model)
         if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.gradient_checkpointing = False
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
         self._ref_model = None
         if reference == "separate" and name_or_path is None:
             # Nothing to reload from later: freeze a copy of the weights as they are now.
@@ -139,6 +172,19 @@ class Policy:
         policy.base_load_kwargs = base_kw  # how the separate reference reloads the base
         return policy
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of every transformer block, non-reentrant (PEFT's LoRA needs no
+        ``enable_input_require_grads`` then). ``completion_stats`` runs the body in training mode
+        while gradients are recorded (transformers checkpoints only then); the shared-prompt pass,
+        whose KV cache checkpointing turns off, is skipped in that forward."""
+        hf = self.hf_model
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.gradient_checkpointing = True
+
     # ------------------------------------------------------------------ accessors
     @property
     def hf_model(self) -> nn.Module:
@@ -165,6 +211,8 @@ class Policy:
                                                        **getattr(self, "base_load_kwargs", {}))
             if self.fuse_activations:
                 models.fuse_activations(ref)  # the policy's kernels: KL is exactly 0 at the start
+            if self.fp32_attention:
+                models.use_fp32_attention_on_cpu(ref)
             self._ref_model = freeze(ref.to(self.device))
         return self._ref_model
 
@@ -200,3 +248,15 @@ class Policy:
             self, prompt_ids, prompt_mask, completion_ids, completion_mask,
             with_entropy=with_entropy, with_kl=with_kl, with_ref_logp=with_ref_logp,
         )
+
+    def reference_logp(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, Tc) float32 log-probs of the completion tokens under the reference policy (0 on
+        padding, no gradient): ``completion_stats(..., with_ref_logp=True).ref_logp`` without
+        running the policy itself."""
+        return reference_logp(self, prompt_ids, prompt_mask, completion_ids, completion_mask)

@@ -14,6 +14,8 @@ import ratiorl
 
 from .config import DEFAULT_MODEL_PATH, TrainConfig, objective_from_config
 
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}  # train.autocast -> Policy(autocast_dtype=...)
+
 
 def build_task(cfg: TrainConfig):
     """The task of the run: a built-in one, or a JSONL / Hugging Face dataset."""
@@ -139,7 +141,9 @@ def ensure_model(cfg: TrainConfig, console=None) -> str:
 
 
 def build_policy(cfg: TrainConfig, model_path: str, needs_reference: bool):
-    """``Policy.from_pretrained`` with the run's LoRA, dtype and device settings."""
+    """``Policy.from_pretrained`` with the run's LoRA, dtype and device settings, and the training
+    forward's speed options: ``train.length_buckets`` (length buckets: no padding computed),
+    ``train.autocast`` (bf16 autocast, fp32 master weights) and ``model.gradient_checkpointing``."""
     from ratiorl.policy import Policy  # noqa: PLC0415
 
     lora = None
@@ -153,7 +157,9 @@ def build_policy(cfg: TrainConfig, model_path: str, needs_reference: bool):
     try:
         return Policy.from_pretrained(model_path, lora=lora, reference="auto" if needs_reference else "none",
                                       temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, device=device,
-                                      gguf_file=cfg.model.gguf_file)
+                                      gguf_file=cfg.model.gguf_file, length_buckets=cfg.train.length_buckets,
+                                      autocast_dtype=AUTOCAST_DTYPES[cfg.train.autocast],
+                                      gradient_checkpointing=cfg.model.gradient_checkpointing)
     except OSError as e:
         raise ValueError(f"model.path={model_path!r} could not be loaded: {e}") from None
 

@@ -93,7 +93,14 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.rollout.policy_lag >= 0, f"rollout.policy_lag must be >= 0 (updates), got {cfg.rollout.policy_lag}")
     need(cfg.rollout.dtype in (None, "float32", "bfloat16", "float16"),
          f"rollout.dtype must be null (the policy's), float32, bfloat16 or float16, got {cfg.rollout.dtype!r}")
+    need(cfg.rollout.decoder in ("auto", "hf"),
+         f"rollout.decoder must be auto (the lean decoder when the architecture has one) or hf, got {cfg.rollout.decoder!r}")
     need(cfg.train.steps >= 0, "train.steps must be >= 0")
+    need(cfg.train.autocast in (None, "bfloat16"),
+         f"train.autocast must be null (off) or bfloat16, got {cfg.train.autocast!r}")
+    need(cfg.train.length_buckets >= 1, f"train.length_buckets must be >= 1 (1 = off), got {cfg.train.length_buckets}")
+    need(isinstance(cfg.model.gradient_checkpointing, bool),
+         f"model.gradient_checkpointing must be true or false, got {cfg.model.gradient_checkpointing!r}")
     need(cfg.train.epochs >= 1, "train.epochs must be >= 1")
     need(cfg.train.mini_batches >= 1, "train.mini_batches must be >= 1")
     need(cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1")

@@ -21,6 +21,9 @@ class ModelConfig:
     device: str = "cpu"
     dtype: Optional[str] = None  # None = checkpoint dtype; "float32" | "bfloat16" | "float16"
     gguf_file: Optional[str] = None  # a .gguf file inside `path` (dequantised on load; needs `gguf`)
+    # recompute each transformer block's activations in the backward instead of keeping them
+    # (non-reentrant torch.utils.checkpoint): less activation memory, about one more forward of time
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -46,6 +49,9 @@ class RolloutConfig:
     policy_lag: int = 0  # sample with the weights of k optimizer updates ago (an asynchronous trainer)
     dtype: Optional[str] = None  # sampler precision: None = the policy's | "bfloat16" | "float16" | "float32"
     recompute_old_logp: bool = False  # always compute pi_old with the trainer's forward (else only when needed)
+    # which forward samples: "auto" = ratiorl's lean decoder when the architecture has one, else
+    # transformers' forward | "hf" = always transformers' forward
+    decoder: str = "auto"
 
 
 @dataclass
@@ -146,6 +152,16 @@ class TrainLoopConfig:
     # under torchrun: ddp (full model per rank, gradients summed over ranks) | fsdp (FSDP2: weights,
     # gradients and optimizer state sharded over ranks, weights gathered for the rollout; docs/scale.md)
     parallel: str = "ddp"
+    # None | "bfloat16": the policy's (and reference's) forward and backward run under
+    # torch.autocast(device_type, bfloat16), the lean head's matmuls in bf16 (its log-softmax /
+    # entropy / KL in float32), attention in fp32 on CPU; master weights, gradients and optimizer
+    # state stay in the model's dtype (fp32). (With LoRA, model.dtype: bfloat16 also keeps the
+    # trained adapters and their optimizer state in fp32: peft upcasts them.)
+    autocast: Optional[str] = None
+    # at most this many length buckets in the training forward (1 = off): rows are sorted by
+    # completion length and each bucket is trimmed to its longest completion, so no padding is
+    # computed; the split is chosen by a cost model (one bucket at tiny sizes)
+    length_buckets: int = 4
 
 
 @dataclass

@@ -57,7 +57,7 @@ def test_unknown_keys_suggest_the_nearest_one():
     with pytest.raises(ValueError) as e:
         load_config(None, ["--train.stesp", "50"])
     assert str(e.value).startswith("unknown config key 'train.stesp'; did you mean 'train.steps'? "
-                                   "valid keys under 'train': count_scope, ")
+                                   "valid keys under 'train': autocast, count_scope, ")
     with pytest.raises(ValueError, match=r"'optimizer.lr'; did you mean 'optim.lr'\? valid keys at the top level"):
         load_config(None, ["--optimizer.lr", "1e-3"])
     with pytest.raises(ValueError, match=r"did you mean 'objective.weight_options.tilt'\?"):
