@@ -204,11 +204,15 @@ for _name in ("llama", "qwen2", "mistral"):
 
 
 def _sharded(model) -> bool:
+    """Parameters managed by FSDP (sharded DTensors, or a module FSDP gathers and reshards): the
+    decoder would read them outside FSDP's control, so such a model keeps transformers' forward."""
     try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
         from torch.distributed.tensor import DTensor  # noqa: PLC0415
     except ImportError:  # pragma: no cover
         return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FSDPModule) for m in model.modules())
 
 
 class LeanDecoder:
@@ -244,7 +248,7 @@ class LeanDecoder:
         if layout is None:
             return f"no lean layout for model_type {getattr(cfg, 'model_type', None)!r}"
         if _sharded(model):
-            return "sharded (DTensor) parameters"
+            return "parameters managed by FSDP"
         return layout.unsupported(cfg)
 
     @classmethod

@@ -24,6 +24,8 @@ import copy
 
 import torch
 
+from ratiorl.policy.models import use_fp32_attention_on_cpu
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,12 +34,15 @@ def sampler_version(updates: int, policy_lag: int, sync_every: int) -> int:
     return (max(0, updates - policy_lag) // sync_every) * sync_every
 
 
-def mismatch_sources(rollout_cfg, policy_dtype: torch.dtype) -> list:
-    """What makes the sampler's mu differ from the trainer's pi_old under this configuration."""
+def mismatch_sources(rollout_cfg, policy_dtype: torch.dtype, autocast: str | None = None) -> list:
+    """What makes the sampler's mu differ from the trainer's pi_old under this configuration
+    (``autocast``: the trainer's ``train.autocast``)."""
     r = rollout_cfg
     out = []
     if r.dtype is not None and DTYPES[r.dtype] != policy_dtype:
         out.append(f"dtype={r.dtype}")
+    if autocast is not None:
+        out.append(f"train.autocast={autocast}")  # the trainer's pi is bf16-rounded, the sampler's is not
     if r.policy_lag > 0:
         out.append(f"policy_lag={r.policy_lag}")
     if r.sync_every > 1:
@@ -97,7 +102,8 @@ class LaggingSampler:
         self.separate = self.lag > 0 or self.every > 1 or dtype != policy_dtype
         if self.separate:
             sampler = copy.deepcopy(model).requires_grad_(False).to(dtype)
-            self.engine = engine_cls(sampler, tokenizer)
+            use_fp32_attention_on_cpu(getattr(sampler, "get_base_model", lambda: sampler)())  # its prefill
+            self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder)
         else:
             self.engine = shared_engine
         self.version = 0  # the policy version whose weights the sampler holds

@@ -99,7 +99,7 @@ class Trainer:
         self.policy = build_policy(cfg, model_path, needs_reference=kl_active or need_ref_logp)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
         self.task = render_task(self.task, self.tokenizer, cfg.task)  # chat template, system prompt
-        self.eval_engine = HFRolloutEngine(self.model, self.tokenizer)
+        self.eval_engine = HFRolloutEngine(self.model, self.tokenizer, decoder=cfg.rollout.decoder)
         # the sampler (mu): the policy's own model, or a copy in rollout.dtype lagging by policy_lag updates
         sharded = cfg.train.parallel == "fsdp" and self.dist.enabled
         self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine,
@@ -110,7 +110,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed + self.dist.rank)  # sampling
 
         # ---- the five stages
-        sources = mismatch_sources(cfg.rollout, next(self.model.parameters()).dtype)
+        sources = mismatch_sources(cfg.rollout, next(self.model.parameters()).dtype, cfg.train.autocast)
         self.old_logp_source = old_logp_source(cfg, obj, sources)  # "behaviour" | "forward" | "loglinear"
         forward = self.old_logp_source == "forward"
         self.stream = PromptStream(self.task.train, cfg.seed)

@@ -45,6 +45,7 @@ def test_old_logp_source_decision():
     f32 = torch.float32
     assert mismatch_sources(cfg().rollout, f32) == []
     assert mismatch_sources(cfg(dtype="float32").rollout, f32) == []  # the policy's own dtype
+    assert mismatch_sources(cfg().rollout, f32, "bfloat16") == ["train.autocast=bfloat16"]  # bf16 trainer forward
     assert mismatch_sources(cfg(dtype="bfloat16", policy_lag=2, top_k=5, top_p=0.9, min_p=0.1).rollout, f32) == [
         "dtype=bfloat16", "policy_lag=2", "top_k=5", "top_p=0.9", "min_p=0.1"]
     bf16 = cfg(dtype="bfloat16")

@@ -30,9 +30,8 @@ from .advantage_inputs import GreedyBaseline, PFPPO, method_inputs
 
 def reference_logp(policy, batch: Rollout) -> torch.Tensor:
     """log pi_ref of the sampled tokens, (B, Tc), no gradient."""
-    with torch.no_grad():
-        return policy.completion_stats(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                       batch.completion_mask, with_ref_logp=True).ref_logp
+    with torch.no_grad():  # the reference's forward only (not the policy's too)
+        return policy.reference_logp(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
 
 
 class GroupAdvantages:
