@@ -35,7 +35,9 @@ logits are needed only on completion tokens (both TRL and ratiorl compute them o
 
 The limit. ``measured_matmul_rate(model, rows, dtype)`` runs exactly the model's own matmuls, each
 weight cast to ``dtype`` and multiplied by a ``rows x in_features`` activation, back to back
-through all layers, several times, and returns the median GFLOP/s: what this machine does with that
+through all layers, several times, once with torch's plain matmuls and once through oneDNN's
+prepacked weights (faster for few rows: what ratiorl's decoder uses), and returns the faster
+kernel's median GFLOP/s: what this machine does with that
 arithmetic at that shape, measured in the same process and with the same thread count as the run.
 The sampling shape is one decode step (``rows`` = prompts x G); the training shape is the tokens of
 one micro-batch (capped). ``fraction = achieved model FLOP rate / measured rate``: 1.0 would mean
@@ -154,9 +156,11 @@ def _set_threads(threads):
 
 
 def measured_matmul_rate(model: nn.Module, rows: int, dtype=torch.float32, threads: int | None = None,
-                         repeats: int = 3, warmup: int = 1) -> float:
+                         repeats: int = 3, warmup: int = 1, prepacked: bool = True) -> float:
     """GFLOP/s of the model's own matmuls at ``rows`` activation rows in ``dtype`` (median of
-    ``repeats`` passes through all of them, after ``warmup`` untimed passes)."""
+    ``repeats`` passes through all of them, after ``warmup`` untimed passes). With ``prepacked``
+    the same matmuls are also timed through oneDNN's prepacked weights (what ratiorl's decoder
+    uses: ``ratiorl.rollout.decoder.prepack``), and the faster of the two kernels is the limit."""
     rows = max(1, int(rows))
     mats = [(m.weight.detach().to(dtype), m.in_features, m.conv1d) for m in matmul_weights(model)]
     if not mats:
@@ -165,21 +169,44 @@ def measured_matmul_rate(model: nn.Module, rows: int, dtype=torch.float32, threa
     gen = torch.Generator(device="cpu").manual_seed(0)
     acts = {k: torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype) for k in {k for _w, k, _c in mats}}
     flops = 2 * rows * sum(w.numel() for w, _k, _c in mats)
+    kernels = [lambda: [_matmul(acts[k], w, conv) for w, k, conv in mats]]
+    if prepacked:
+        packed = _prepacked(mats, rows)
+        if packed is not None:
+            kernels.append(lambda: [torch.ops.mkldnn._linear_pointwise(acts[k], p, None, "none", [], "")
+                                    for p, k in packed])
     old = _set_threads(threads)
+    best = 0.0
     try:
-        times = []
         with torch.inference_mode():
-            for i in range(warmup + max(1, repeats)):
-                t0 = time.perf_counter()
-                for w, k, conv in mats:
-                    _matmul(acts[k], w, conv)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
+            for kernel in kernels:
+                times = []
+                for i in range(warmup + max(1, repeats)):
+                    t0 = time.perf_counter()
+                    kernel()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+                best = max(best, flops / statistics.median(times) / 1e9)
     finally:
         torch.set_num_threads(old)
-    return flops / statistics.median(times) / 1e9
+    return best
+
+
+def _prepacked(mats, rows):
+    """[(oneDNN prepacked (out, in) weight, in_features)], or None where prepacking is unavailable."""
+    try:
+        from ratiorl.rollout.decoder import prepack  # noqa: PLC0415
+    except ImportError:
+        return None
+    out = []
+    for w, k, conv in mats:
+        p = prepack(w.t() if conv else w, rows)
+        if p is None:
+            return None
+        out.append((p, k))
+    return out
 
 
 def _matmul(x, w, conv1d: bool):

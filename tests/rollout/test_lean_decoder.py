@@ -10,6 +10,7 @@ import torch
 
 from ratiorl.policy import Policy, make_char_tokenizer, make_tiny_model
 from ratiorl.rollout import HFRolloutEngine
+from ratiorl.rollout import decoder
 from ratiorl.rollout.decoder import ARCHITECTURES, LeanDecoder
 from tests.policy.helpers import perturb_
 
@@ -71,9 +72,12 @@ def assert_same(a, b):
     torch.testing.assert_close(a.behaviour_logp, b.behaviour_logp, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kw", OPTIONS)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_same_samples_as_transformers_forward(name, kw):
+def test_same_samples_as_transformers_forward(name, kw, packed, monkeypatch):
+    """``packed``: every weight prepacked by oneDNN (which the decoder does for long enough calls)."""
+    monkeypatch.setattr(decoder, "PACK_MIN_WORK", 0 if packed else 10**9)
     model, tok = MODELS[name]()
     lean, hf = engines(model, tok)
     G = 1 if kw["temperature"] == 0 else 4
@@ -81,6 +85,8 @@ def test_same_samples_as_transformers_forward(name, kw):
         a = lean.generate(PROMPTS, G, max_new_tokens=16, generator=torch.Generator().manual_seed(seed), **kw)
         b = hf.generate(PROMPTS, G, max_new_tokens=16, generator=torch.Generator().manual_seed(seed), **kw)
         assert_same(a, b)
+    head = lean.lean_decoder().layout.head
+    assert (head.packed is not None) == (packed and torch.backends.mkldnn.is_available())
     lengths = a.completion_mask.sum(1)
     if kw == OPTIONS[0]:
         assert lengths.min() < lengths.max()  # rows did finish at different steps
@@ -129,9 +135,11 @@ def test_finished_rows_leave_the_static_cache(monkeypatch):
     assert seen[-1][0] < len(PROMPTS) * 8
 
 
-def test_bfloat16_sampler_records_what_it_sampled_from():
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_sampler_records_what_it_sampled_from(packed, monkeypatch):
     """A bf16 copy samples with the lean decoder; its recorded log-probs are its own (close to the
     float32 policy's, not equal), and equal to transformers' bf16 forward up to bf16 rounding."""
+    monkeypatch.setattr(decoder, "PACK_MIN_WORK", 0 if packed else 10**9)
     model, tok = MODELS["llama"]()
     policy = Policy(model, tok, reference="none")
     bf16 = HFRolloutEngine(MODELS["llama"]()[0].to(torch.bfloat16), tok)
