@@ -35,9 +35,9 @@ logits are needed only on completion tokens (both TRL and ratiorl compute them o
 
 The limit. ``measured_matmul_rate(model, rows, dtype)`` runs exactly the model's own matmuls, each
 weight cast to ``dtype`` and multiplied by a ``rows x in_features`` activation, back to back
-through all layers, several times, once with torch's plain matmuls and once through oneDNN's
-prepacked weights (faster for few rows: what ratiorl's decoder uses), and returns the faster
-kernel's median GFLOP/s: what this machine does with that
+through all layers, several times, with torch's plain matmuls and, for the sampling shape, also
+through oneDNN's prepacked weights (faster for few rows, and what ratiorl's decoder uses), and
+returns the faster kernel's median GFLOP/s: what this machine does with that
 arithmetic at that shape, measured in the same process and with the same thread count as the run.
 The sampling shape is one decode step (``rows`` = prompts x G); the training shape is the tokens of
 one micro-batch (capped). ``fraction = achieved model FLOP rate / measured rate``: 1.0 would mean
@@ -235,12 +235,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def measure_rates(model: nn.Module, shapes: dict, dtypes=("float32", "bfloat16"), threads=None,
                   repeats: int = 3) -> dict:
     """``{(shape_name, dtype_name): GFLOP/s}`` for ``shapes = {name: rows}``; a dtype the machine
-    cannot run gives nan."""
+    cannot run gives nan. Prepacked weights count only for the ``sampling`` shape: a decode step
+    reuses each weight for every token of the call, so one reorder pays for many matmuls; a training
+    pass uses each weight once (and its backward needs the plain layout)."""
     rates = {}
     for shape, rows in shapes.items():
         for dt in dtypes:
             try:
-                rates[(shape, dt)] = measured_matmul_rate(model, rows, DTYPES[dt], threads, repeats)
+                rates[(shape, dt)] = measured_matmul_rate(model, rows, DTYPES[dt], threads, repeats,
+                                                          prepacked=shape == "sampling")
             except (RuntimeError, TypeError) as e:  # e.g. a dtype without a CPU kernel
                 print(f"  (matmul rate {shape} {dt}: {e})")
                 rates[(shape, dt)] = float("nan")
