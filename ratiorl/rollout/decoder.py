@@ -29,8 +29,8 @@ c of ``cat(left-padded prompt, completion)``. The prompt's columns come from tra
 prefill (which knows every model's padding and positions); ``mask`` is -inf on padding columns.
 Finished rows leave with ``keep(rows)`` (one ``index_select`` of the cache).
 
-With a PEFT LoRA model the step uses the merged weights W + B A s (computed once per weight
-version: ``current_layout``);
+With a PEFT LoRA model the step uses the merged weights W + B A s (computed once per call:
+``current_layout``);
 the prefill runs through the PEFT model itself. ``LeanDecoder.for_model(model)`` returns None for
 any architecture or option it does not cover (then the engine keeps transformers' forward):
 ``ARCHITECTURES`` maps ``config.model_type`` to a layout, and each layout declares what it
@@ -66,8 +66,8 @@ def _base_model(model):
 # read, for a given number of rows; a decode step's few-row matmuls then run faster: measured here
 # (2 threads, 64 rows, the 24 weights of a 6 x 384 GPT-2) 168 GFLOP/s in float32 against 113 with
 # addmm, and 295 against 260 in bfloat16. Reordering costs about one read and write of the weight
-# (0.5-2.5 G elements/s), paid once per weight version, so it is done when a call decodes at
-# least PACK_MIN_WORK row-tokens.
+# (0.5-2.5 G elements/s), paid once per call, so it is done when a call decodes at least
+# PACK_MIN_WORK row-tokens.
 PACK_MIN_WORK = 1024
 
 
@@ -279,17 +279,15 @@ class LeanDecoder:
 
     def __init__(self, model, layout_cls):
         self.model, self.layout_cls = model, layout_cls
-        self.layout, self.weights_version = None, None
+        self.layout = None
 
     def current_layout(self, pack_rows: int = 0):
-        """The layout over the model's current weights (prepacked for ``pack_rows``-row inputs when
-        > 0), rebuilt only when a parameter changed since the last call (an optimizer step or a
-        weight sync bumps its version counter) or the packing changes: a LoRA model's merged
-        weights are computed, and weights packed, once per weight version, not once per call."""
-        version = (tuple((id(p), p._version) for p in self.model.parameters()), pack_rows > 0)
-        if self.layout is None or version != self.weights_version:
-            self.layout = self.layout_cls(self.model, _base_model(self.model).config, pack_rows)
-            self.weights_version = version
+        """The layout over the model's weights as they are now (prepacked for ``pack_rows``-row
+        inputs when > 0), built at every call: nothing cheaper tells whether the weights changed
+        since the last one (torch's fused AdamW updates parameters without bumping their version
+        counters), and a stale layout would sample from an old policy while logging its log-probs
+        as the current one's. A LoRA model's merged weights are computed once per call."""
+        self.layout = self.layout_cls(self.model, _base_model(self.model).config, pack_rows)
         return self.layout
 
     @classmethod
@@ -364,8 +362,8 @@ class LeanDecoder:
         self.mask, self.positions = self.mask.index_select(0, rows), self.positions.index_select(0, rows)
 
     def close(self) -> None:
-        """Free the cache (the layout stays for the next call with the same weights)."""
-        self.K = self.V = self.mask = None
+        """Free the cache and the layout (the next call reads the weights again)."""
+        self.K = self.V = self.mask = self.layout = None
 
 
 def _layer_kv(cache, i):

@@ -209,9 +209,7 @@ class HFRolloutEngine:
         (transformers' forward)."""
         if self.decoder != "auto" or LeanDecoder.unsupported_reason(self.model) is not None:
             return None  # (checked at every call: a sharded model is supported only while gathered)
-        if getattr(self, "_lean", None) is None:  # kept: it reuses its layout while the weights are unchanged
-            self._lean = LeanDecoder.for_model(self.model)
-        return self._lean
+        return LeanDecoder.for_model(self.model)
 
     @staticmethod
     def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None, expand: bool = True):

@@ -78,6 +78,9 @@ def assert_same(a, b):
 def test_same_samples_as_transformers_forward(name, kw, packed, monkeypatch):
     """``packed``: every weight prepacked by oneDNN (which the decoder does for long enough calls)."""
     monkeypatch.setattr(decoder, "PACK_MIN_WORK", 0 if packed else 10**9)
+    layouts, current_layout = [], LeanDecoder.current_layout
+    monkeypatch.setattr(LeanDecoder, "current_layout", lambda self, rows=0: layouts.append(current_layout(self, rows))
+                        or layouts[-1])
     model, tok = MODELS[name]()
     lean, hf = engines(model, tok)
     G = 1 if kw["temperature"] == 0 else 4
@@ -85,8 +88,8 @@ def test_same_samples_as_transformers_forward(name, kw, packed, monkeypatch):
         a = lean.generate(PROMPTS, G, max_new_tokens=16, generator=torch.Generator().manual_seed(seed), **kw)
         b = hf.generate(PROMPTS, G, max_new_tokens=16, generator=torch.Generator().manual_seed(seed), **kw)
         assert_same(a, b)
-    head = lean.lean_decoder().layout.head
-    assert (head.packed is not None) == (packed and torch.backends.mkldnn.is_available())
+    assert len(layouts) == 2  # one per call
+    assert (layouts[-1].head.packed is not None) == (packed and torch.backends.mkldnn.is_available())
     lengths = a.completion_mask.sum(1)
     if kw == OPTIONS[0]:
         assert lengths.min() < lengths.max()  # rows did finish at different steps
@@ -170,14 +173,18 @@ def test_unsupported_models_keep_transformers_forward():
 
 @pytest.mark.parametrize("name", ["llama+lora", "gpt2"])
 def test_weights_changed_in_place_are_seen_by_the_next_call(name):
-    """The decoder keeps its (merged) weights between calls only while no parameter changed."""
+    """Each call reads the weights as they are: after a fused AdamW step (which updates parameters
+    in place without bumping their version counters) the samples are the new policy's."""
     model, tok = MODELS[name]()
     lean, hf = engines(model, tok)
     lean.generate(PROMPTS, 2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # what an optimizer step does: in place
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.5 * torch.randn_like(p))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.3, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
     a = lean.generate(PROMPTS, 3, max_new_tokens=10, generator=torch.Generator().manual_seed(1))
     b = hf.generate(PROMPTS, 3, max_new_tokens=10, generator=torch.Generator().manual_seed(1))
     assert_same(a, b)
