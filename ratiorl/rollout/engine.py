@@ -39,7 +39,7 @@ from ratiorl.policy.compat import cache_kwarg, cache_row_selector, output_cache
 from .batch import Rollout
 from .decoder import LeanDecoder
 from .stops import StopStrings
-from .truncation import check_sampling_options, sample_tokens, truncated_logp
+from .truncation import DRAWS, check_sampling_options, sample_tokens, truncated_logp
 
 
 @runtime_checkable
@@ -117,9 +117,12 @@ class HFRolloutEngine:
     COMPACT_FRACTION = 8
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", draw: str = "auto"):
         if decoder not in ("auto", "hf"):
             raise ValueError(f"decoder must be 'auto' (the lean decoder where supported) or 'hf', got {decoder!r}")
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+        self.draw = draw  # how a token is drawn from its distribution (``truncation.draw_from``)
         self.model = _unwrap(model)
         self.tokenizer = tokenizer
         self.decoder = decoder  # "auto": decode steps through LeanDecoder when the model has a layout
@@ -354,7 +357,7 @@ class HFRolloutEngine:
                             tok = logp_all.argmax(-1)
                             lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
                         else:  # lp = log mu: of the truncated, renormalised distribution drawn from
-                            tok, lp = sample_tokens(logp_all, top_k, top_p, min_p, generator)
+                            tok, lp = sample_tokens(logp_all, top_k, top_p, min_p, generator, self.draw)
                     else:
                         tok, lp = pad.expand(S), torch.zeros(S, device=dev)
                     if S < R:  # the greedy rows, at temperature 1

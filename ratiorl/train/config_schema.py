@@ -52,6 +52,9 @@ class RolloutConfig:
     # which forward samples: "auto" = ratiorl's lean decoder when the architecture has one, else
     # transformers' forward | "hf" = always transformers' forward
     decoder: str = "auto"
+    # how a token is drawn: auto (torch.multinomial's exponential race below 8192 tokens, inverse CDF
+    # from there on) | multinomial | inverse_cdf (one uniform per row: much faster for large vocabularies)
+    draw: str = "auto"
 
 
 @dataclass

@@ -103,7 +103,7 @@ class LaggingSampler:
         if self.separate:
             sampler = copy.deepcopy(model).requires_grad_(False).to(dtype)
             use_fp32_attention_on_cpu(getattr(sampler, "get_base_model", lambda: sampler)())  # its prefill
-            self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder)
+            self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder, draw=r.draw)
         else:
             self.engine = shared_engine
         self.version = 0  # the policy version whose weights the sampler holds
