@@ -22,8 +22,9 @@ Per RL step (``FlopCounts``; ``body`` = every matmul but the head, ``head`` = th
 
     sampling = body x (sampled completion tokens + prompt tokens, each distinct prompt once)
              + head x sampled completion tokens          (logits are needed only where a token is drawn)
-    training = per optimizer pass (forward + backward), over the real tokens trained (no padding):
-               (2 x body + body_trainable) x (prompt + completion tokens)
+    training = per optimizer pass (forward + backward), over the real tokens trained (no padding, each
+               distinct prompt once):
+               (2 x body + body_trainable) x (prompt tokens, each distinct prompt once, + completion tokens)
              + (2 x head + head_trainable) x completion tokens
 
 The forward is 1 x the weights' FLOPs; the backward is another 1 x for the gradient with respect to

@@ -357,9 +357,11 @@ def count_sampled(clock, num_generations, prompt_mask, completion_mask):
     clock.count("#sequences", completion_mask.shape[0])
 
 
-def count_trained(clock, prompt_mask, completion_mask):
-    """Real tokens of one trained micro-batch (one forward + backward over them)."""
-    tokens = float(prompt_mask.sum() + completion_mask.sum())
+def count_trained(clock, prompt_mask, completion_mask, num_generations=1):
+    """Real tokens of one trained micro-batch (one forward + backward over them): completions, and
+    each distinct prompt once (a micro-batch holds whole groups of ``num_generations`` rows with one
+    prompt; the prompt's forward and backward are needed once, whoever recomputes them per row)."""
+    tokens = float(prompt_mask.sum() / num_generations + completion_mask.sum())
     clock.count("#trained", tokens)
     clock.count("#trained_completion", completion_mask.sum())
     clock.count("#max_micro_tokens", tokens)
@@ -513,7 +515,8 @@ class TRLSide:
         clock.wrap(tr, "_generate", "sampling")
         clock.wrap(tr, "_calculate_rewards", "scoring")
         clock.wrap(tr, "compute_loss", "forward",
-                   count=lambda c, out, a, kw: count_trained(c, a[1]["prompt_mask"], a[1]["completion_mask"]))
+                   count=lambda c, out, a, kw: count_trained(c, a[1]["prompt_mask"], a[1]["completion_mask"],
+                                                            args.num_generations))
         clock.wrap(tr, "_get_per_token_logps_and_entropies", "forward")
         clock.wrap(tr, "_generate_and_score_completions", None,
                    count=lambda c, out, a, kw: count_sampled(c, G, out["prompt_mask"], out["completion_mask"]))
@@ -668,7 +671,7 @@ class RatiorlSide:
             def trained(c, out, a, kw):
                 mb = a[0] if a else None
                 if hasattr(mb, "prompt_mask") and hasattr(mb, "completion_mask"):
-                    count_trained(c, mb.prompt_mask, mb.completion_mask)
+                    count_trained(c, mb.prompt_mask, mb.completion_mask, args.num_generations)
 
             clock.wrap(upd, "micro_batch_loss", "forward", count=trained)
         clock.wrap(tr.policy, "completion_stats", "forward")
@@ -686,7 +689,7 @@ class RatiorlSide:
             if "#trained" not in self.clock.cur:  # micro_batch_loss not wrapped: the whole batch, epochs x
                 b = self.trainer.last_batch
                 for _ in range(self.args.num_iterations):
-                    count_trained(self.clock, b.prompt_mask, b.completion_mask)
+                    count_trained(self.clock, b.prompt_mask, b.completion_mask, self.args.num_generations)
             self.clock.end(out[-1])
         return out
 
