@@ -219,6 +219,9 @@ def _config(tmp_path, model_dir, out, **kw) -> str:
     overrides = dict(o.split("=", 1) for o in tiny_overrides(model_dir, str(out), **{
         "objective.name": "snib", "train.steps": 3, "checkpoint.every": 1, "threads": 1,
         "checkpoint.save_hf": True, "checkpoint.save_final_model": True, "checkpoint.keep_last": 3, "eval.every": 2,
+        # an FSDP-managed model samples through transformers' forward; the ddp run must too, for its
+        # first step to be the same float for float (the lean decoder differs in the last bits)
+        "rollout.decoder": "hf",
         **kw}))
     cfg = {}
     for key, value in overrides.items():  # the dotted overrides as a nested YAML config
