@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -75,6 +77,15 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def is_fsdp_managed(model: nn.Module) -> bool:
+    """True when FSDP2 (``fully_shard``) manages ``model`` or one of its modules: its parameters are
+    sharded, or gathered and resharded by FSDP, and its forwards are collectives. Sharding imported
+    ``torch.distributed.fsdp``; while it is not imported (a 2 s import) no model is managed."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------- attention on CPU

@@ -25,7 +25,6 @@ applies; dropout is off in RL (``models.disable_dropout``), so training mode cha
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,6 +38,7 @@ from .forward import (
     prompt_groups,
 )
 from .lean_head import lean_token_stats
+from .models import is_fsdp_managed
 
 
 @dataclass
@@ -174,7 +174,7 @@ def prepare_batch(policy, prompt_ids, prompt_mask, completion_ids, completion_ma
     groups = prompt_groups(prompt_ids, pmask) if policy.share_prompts else None
     # Rows of similar completion length run together, each bucket trimmed to its longest row. A
     # sharded (FSDP) model needs the same body calls on every rank: one bucket there.
-    n_buckets = 1 if is_fsdp_sharded(policy.model) else policy.length_buckets
+    n_buckets = 1 if is_fsdp_managed(policy.model) else policy.length_buckets
     buckets = length_buckets(completion_lengths(cmask), n_buckets, policy.bucket_overhead_tokens)
     return ScoringBatch(prompt_ids, pmask, completion_ids, cmask, completion_ids[cmask.bool()], groups, buckets)
 
@@ -248,13 +248,6 @@ def reference_logp(policy, prompt_ids, prompt_mask, completion_ids, completion_m
         else:
             logq = reference_log_softmax(policy, ref_head, ref_hidden).gather(-1, batch.targets[:, None]).squeeze(-1)
     return batch.scatter(logq)
-
-
-def is_fsdp_sharded(model: nn.Module) -> bool:
-    """True when ``model`` is sharded with FSDP2 (``fully_shard``): its forwards are collectives.
-    Sharding imported ``torch.distributed.fsdp``; when it is not imported (a 2 s import) no model is."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))
 
 
 def autocast(policy):

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ratiorl._registry import Registry
+from ratiorl.policy.models import is_fsdp_managed
 
 ARCHITECTURES = Registry("lean decoder architecture")
 
@@ -255,18 +256,6 @@ for _name in ("llama", "qwen2", "mistral"):
     ARCHITECTURES.register(_name)(LlamaLayout)
 
 
-def _sharded(model) -> bool:
-    """Parameters managed by FSDP (sharded DTensors, or a module FSDP gathers and reshards): the
-    decoder would read them outside FSDP's control, so such a model keeps transformers' forward."""
-    try:
-        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        isinstance(m, FSDPModule) for m in model.modules())
-
-
 class LeanDecoder:
     """Decode steps of a supported model over a static KV cache (see the module docstring).
 
@@ -298,7 +287,7 @@ class LeanDecoder:
         layout = ARCHITECTURES.get(getattr(cfg, "model_type", None))
         if layout is None:
             return f"no lean layout for model_type {getattr(cfg, 'model_type', None)!r}"
-        if _sharded(model):
+        if is_fsdp_managed(model):  # the decoder would read the weights outside FSDP's control
             return "parameters managed by FSDP"
         return layout.unsupported(cfg)
 
@@ -312,9 +301,8 @@ class LeanDecoder:
     @torch.no_grad()
     def start(self, cache, rows: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
               max_new_tokens: int) -> None:
-        R = prompt_mask.shape[0]
-        lay = self.current_layout(R if R * max_new_tokens >= PACK_MIN_WORK else 0)
         R, Tp = prompt_mask.shape
+        lay = self.current_layout(R if R * max_new_tokens >= PACK_MIN_WORK else 0)
         dev = prompt_mask.device
         shape = (lay.L, R, lay.kv_heads, Tp + max_new_tokens, lay.head_dim)
         # empty: a column is written (the prompt's now, completion token t's at step t) before it is read

@@ -210,9 +210,7 @@ class HFRolloutEngine:
         """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (static KV cache,
         ``ratiorl.rollout.decoder``) when ``decoder="auto"`` and the model has a layout, else None
         (transformers' forward)."""
-        if self.decoder != "auto" or LeanDecoder.unsupported_reason(self.model) is not None:
-            return None  # (checked at every call: a sharded model is supported only while gathered)
-        return LeanDecoder.for_model(self.model)
+        return LeanDecoder.for_model(self.model) if self.decoder == "auto" else None
 
     @staticmethod
     def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None, expand: bool = True):
