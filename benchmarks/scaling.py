@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -130,21 +129,6 @@ def never_eos(model, eos_id: int) -> None:
         wte[eos_id, 0] = -1000.0  # ... except EOS's: -1000 always
 
 
-def rss_mib() -> float:
-    """The current resident set (Linux /proc), MiB; nan elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def peak_rss_mib() -> float:
-    """``ru_maxrss`` of this process, MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
 def run_cell(cell: dict) -> dict:
     warnings.filterwarnings("ignore")
     import roofline
@@ -183,14 +167,14 @@ def run_cell(cell: dict) -> dict:
         try:
             if args.threads and torch.get_num_threads() != args.threads:
                 torch.set_num_threads(args.threads)
-            rss_before = rss_mib()
+            rss_before = vs_trl.rss_mib() if cell["lib"] == "ratiorl" else side.ready_rss_mib
             side.run_block(args.warmup)
             t0 = time.perf_counter()
             times = side.run_block(args.block)
             wall = time.perf_counter() - t0
             phases = side.phase_steps(len(times))
             flops = side.flops
-            model_ref = side.model
+            model_ref = side.model if side.model is not None else vs_trl.roofline_model(setup)
             tot = vs_trl.merge_steps(phases)
             sampled, seqs = tot.get("#sampled", 0.0), tot.get("#sequences", 0.0)
             s_flops = flops.sampling_flops(sampled, tot.get("#prefill", 0.0))
@@ -200,7 +184,9 @@ def run_cell(cell: dict) -> dict:
             res = {
                 **cell, "params": n_params, "s_per_step": statistics.median(times), "steps_run": len(times),
                 "wall": wall, "mean_length": sampled / seqs if seqs else float("nan"),
-                "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss_before,
+                # TRL trains in a child process of its own (vs_trl.TRLSide), which reports its peak
+                "peak_rss_mib": vs_trl.peak_rss_mib() if cell["lib"] == "ratiorl" else side.peak_rss_mib,
+                "rss_before_mib": rss_before,
                 "sampling_s": s_sec / len(times), "training_s": t_sec / len(times),
                 "sampling_gflops": s_flops / s_sec / 1e9 if s_sec else float("nan"),
                 "training_gflops": t_flops / t_sec / 1e9 if t_sec else float("nan"),

@@ -22,15 +22,18 @@ Presets (``--preset``; each flag given explicitly still wins):
 
 ``--bf16``: ratiorl samples with a bf16 copy (``rollout.dtype=bfloat16``) and trains under bf16
 autocast (``train.autocast=bfloat16``); TRL runs twice, with ``bf16=False`` and with ``bf16=True``
-(accelerate's bf16 autocast; accelerate allows one precision per process, so that TRL runs in a
-child process, driven step by step like the others), and ``speedup`` is against the faster TRL
-setting that works here (one that fails to build or train is dropped with its reason).
+(accelerate's bf16 autocast), and ``speedup`` is against the faster TRL setting that works here
+(one that fails to build or train is dropped with its reason).
 
-How it is timed. TRL's ``Trainer.train()`` runs in a background thread and a ``TrainerCallback``
-parks it after each block of steps, while the main thread runs a block of ratiorl steps; the
-starting library alternates between rounds. A step is timed from ``on_step_begin`` to
-``on_step_end`` for TRL and around ``Trainer.step()`` for ratiorl. With ``--num-iterations k > 1``
-one "RL step" is a full cycle: one rollout batch and its k optimizer updates.
+How it is timed. Each library runs in a process of its own, in that process's main thread:
+ratiorl here, each TRL setting in a spawned child whose ``Trainer.train()`` a ``TrainerCallback``
+parks after each block of steps until this process sends the next block (two trainers in two
+threads of one process slow each other's small kernels: OpenMP keeps a worker pool per thread and
+stops its idle workers from spinning once a process holds more of them than it has CPUs). The
+libraries take turns, one block of steps each, and the starting library alternates between rounds.
+A step is timed from ``on_step_begin`` to ``on_step_end`` for TRL and around ``Trainer.step()`` for
+ratiorl. With ``--num-iterations k > 1`` one "RL step" is a full cycle: one rollout batch and its k
+optimizer updates.
 
 Each step is split into phases, with one ``PhaseClock`` per library; time in a phase nested in
 another counts only for the inner one:
@@ -39,10 +42,9 @@ another counts only for the inner one:
 - scoring: TRL ``_calculate_rewards``; ratiorl the ``score`` stage (rewards, correctness);
 - forward: policy forward + loss (TRL ``compute_loss`` and ``_get_per_token_logps_and_entropies``;
   ratiorl ``Update.micro_batch_loss`` and ``Policy.completion_stats``);
-- backward: ``torch.Tensor.backward`` / ``torch.autograd.backward``, wrapped once for the process
-  and charged to the library whose thread called it;
+- backward: ``torch.Tensor.backward`` / ``torch.autograd.backward``, wrapped once per process;
 - optimizer: gradient clipping (``torch.nn.utils.clip_grad_norm_``, called by both) and the
-  optimizer's ``step`` (torch's global optimizer-step hooks), also charged by thread;
+  optimizer's ``step`` (torch's global optimizer-step hooks);
 - rest: the step minus all of the above (advantages, metrics, weight sync, library overhead).
 
 Then a roofline (``benchmarks/roofline.py``): the model's matmul FLOPs per step against the rate
@@ -368,64 +370,42 @@ def count_trained(clock, prompt_mask, completion_mask, num_generations=1):
 
 
 # --------------------------------------------------------------------------------------------
-# TRL side: GRPOTrainer in a background thread, parked between blocks by a callback
+# TRL side: GRPOTrainer in the main thread of a child process, parked between blocks by a callback
 # --------------------------------------------------------------------------------------------
+#
+# Why a process of its own. OpenMP (libgomp, which torch's CPU kernels use) keeps one pool of
+# worker threads per thread that has run a parallel kernel. When a process holds more pool threads
+# than it has CPUs, libgomp stops letting idle workers spin and puts them to sleep after every
+# kernel, and each of the next kernels pays to wake them. Two libraries trained in two threads of
+# one process hold two pools: measured here (2 cores, the realistic preset) one ratiorl sampling
+# call took 0.92-1.05 s alone and 1.22-1.33 s once a parked thread that had run a single torch
+# matmul existed. Users run one trainer per process, so each library gets one: ratiorl the main
+# thread of the main process, each TRL setting the main thread of a spawned child.
 
 
-class _Gate:
-    """Lets the TRL thread run exactly `budget` optimizer steps, then parks it."""
+class TRLRunner:
+    """Child-process side: builds TRL's GRPOTrainer and runs ``train()`` in this (main) thread; a
+    ``TrainerCallback`` parks the loop after each block of steps and waits for the parent's next
+    ``("run", n)`` on ``conn`` (``("close",)`` ends training), reporting each block's step times
+    and phases back."""
 
-    def __init__(self):
-        self.cv = threading.Condition()
-        self.budget = 0
-        self.stop = False
-        self.parked = False
-        self.error = None
-        self.finished = False
-
-    def wait_for_budget(self):  # TRL thread
-        with self.cv:
-            self.parked = True
-            self.cv.notify_all()
-            self.cv.wait_for(lambda: self.budget > 0 or self.stop)
-            self.parked = False
-            return not self.stop
-
-    def run(self, n):  # main thread: let n steps run and wait until they are done
-        with self.cv:
-            self.cv.wait_for(lambda: self.parked or self.finished)
-            if self.finished:
-                raise RuntimeError(f"TRL thread ended early: {self.error!r}") from self.error
-            self.budget = n
-            self.cv.notify_all()
-            self.cv.wait_for(lambda: (self.parked and self.budget == 0) or self.finished)
-            if self.error is not None:
-                raise RuntimeError(f"TRL training failed: {self.error!r}") from self.error
-
-    def shutdown(self):
-        with self.cv:
-            self.stop = True
-            self.cv.notify_all()
-
-
-class TRLSide:
-    def __init__(self, setup: Setup, args, out_dir, bf16=False, name="trl"):
+    def __init__(self, setup: Setup, args, out_dir, conn, bf16=False, name="trl"):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
         from ratiorl.rewards import get_reward
 
-        self.name, self.args, self.k = name, args, args.num_iterations
-        self.compute_dtype = "bfloat16" if bf16 else "float32"
-        self.gate = _Gate()
+        self.name, self.args, self.k, self.conn = name, args, args.num_iterations, conn
+        self.budget = 0  # optimizer steps left in the current block
+        self.block = None  # (RL steps, index of its first step time) while a block runs
         self.step_times: list[float] = []
         self.clock = clock = PhaseClock()
-        gate, times = self.gate, self.step_times
+        runner, times = self, self.step_times
 
         class Timer(TrainerCallback):
             def on_train_begin(self, a, state, control, **kw):
-                if not gate.wait_for_budget():
+                if not runner.next_block():
                     control.should_training_stop = True
 
             def on_step_begin(self, a, state, control, **kw):
@@ -435,9 +415,8 @@ class TRLSide:
             def on_step_end(self, a, state, control, **kw):
                 times.append(time.perf_counter() - self.t0)
                 clock.end(times[-1])
-                with gate.cv:
-                    gate.budget -= 1
-                if gate.budget == 0 and not gate.wait_for_budget():
+                runner.budget -= 1
+                if runner.budget == 0 and not runner.next_block():
                     control.should_training_stop = True
 
         total_steps = (args.warmup + args.rounds * args.block) * self.k + 1
@@ -508,8 +487,7 @@ class TRLSide:
         reward = make_trl_reward(get_reward(setup.reward), setup.reward)
         self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                                    processing_class=tokenizer, callbacks=[Timer()], peft_config=peft_config)
-        self.model = self.trainer.model
-        self.flops = roofline.FlopCounts.of(self.model)
+        self.flops = roofline.FlopCounts.of(self.trainer.model)
         G = args.num_generations
         tr = self.trainer
         clock.wrap(tr, "_generate", "sampling")
@@ -524,72 +502,86 @@ class TRLSide:
 
         for cb in (PrinterCallback, ProgressCallback):  # no console output from TRL's loop
             tr.remove_callback(cb)
-        self.thread = threading.Thread(target=self._train, name=f"{name}-train", daemon=True)
-        self.thread.start()
 
-    def _train(self):
+    def next_block(self) -> bool:
+        """Report the block just run (if any), then wait for the parent: True to run ``("run", n)``
+        RL steps, False to stop training (``("close",)`` or the parent gone)."""
+        if self.block is not None:
+            n, first = self.block
+            t, k = self.step_times[first:], self.k
+            rl_times = [sum(t[i:i + k]) for i in range(0, len(t), k)]
+            st = self.clock.steps[-n * k:]
+            rl_phases = [merge_steps(st[i:i + k]) for i in range(0, len(st), k)]
+            self.conn.send(("ok", rl_times, rl_phases, peak_rss_mib()))
+            self.block = None
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            return False
+        if msg[0] != "run":
+            return False
+        self.block, self.budget = (msg[1], len(self.step_times)), msg[1] * self.k
+        return True
+
+    def train(self):
+        """Run TRL's training loop here until the parent closes; a failure goes to the parent."""
         register_thread(self.clock)
         try:
             self.trainer.train()
-        except BaseException as e:  # noqa: BLE001 - reported to the main thread by the gate
-            self.gate.error = e
-        finally:
-            with self.gate.cv:
-                self.gate.finished = True
-                self.gate.cv.notify_all()
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which drops the side
+            error = f"{type(e).__name__}: {e}"
+        else:
+            error = None if self.block is None else "TRL's training loop ended before the block was done"
+        if error is not None:
+            with contextlib.suppress(OSError):
+                self.conn.send(("error", error))
 
-    def run_block(self, n_rl_steps):
-        """Run n RL steps; returns their durations (a cycle of k optimizer steps each)."""
-        start = len(self.step_times)
-        self.gate.run(n_rl_steps * self.k)
-        t = self.step_times[start:]
-        return [sum(t[i:i + self.k]) for i in range(0, len(t), self.k)]
 
-    def phase_steps(self, n_rl_steps):
-        """Phase seconds and counts of the last n RL steps (each summed over its k optimizer steps)."""
-        st = self.clock.steps[-n_rl_steps * self.k:] if n_rl_steps else []
-        return [merge_steps(st[i:i + self.k]) for i in range(0, len(st), self.k)]
+def rss_mib() -> float:
+    """The current resident set (Linux /proc), MiB; nan elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
-    def close(self):
-        self.gate.shutdown()
-        self.thread.join(timeout=60)
+
+def peak_rss_mib() -> float:
+    """``ru_maxrss`` of this process, MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def serve_trl_side(conn, setup, args, out_dir, bf16, name):
-    """Child process: one TRLSide, driven over ``conn`` ("run", n) / ("close",)."""
+    """Child process: one TRLRunner, driven over ``conn`` (see ``TRLSide``)."""
     warnings.filterwarnings("ignore")
     quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
     install_global_timers()
     try:
-        side = TRLSide(setup, args, out_dir, bf16=bf16, name=name)
+        runner = TRLRunner(setup, args, out_dir, conn, bf16=bf16, name=name)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which drops the side
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     if args.threads and torch.get_num_threads() != args.threads:
         torch.set_num_threads(args.threads)
-    conn.send(("ready", {"flops": side.flops.to_dict(), "config": side.config_text}))
-    while True:
-        msg = conn.recv()
-        if msg[0] != "run":
-            break
-        try:
-            times = side.run_block(msg[1])
-            conn.send(("ok", times, side.phase_steps(msg[1])))
-        except Exception as e:  # noqa: BLE001
-            conn.send(("error", f"{type(e).__name__}: {e.__cause__ or e}"))
-            break
-    side.close()
+    conn.send(("ready", {"flops": runner.flops.to_dict(), "config": runner.config_text, "rss_mib": rss_mib()}))
+    runner.train()
     conn.close()
 
 
-class RemoteTRLSide:
-    """A TRLSide in a spawned child process (its own accelerate state, e.g. bf16=True)."""
+class TRLSide:
+    """TRL's GRPOTrainer (``bf16`` or not) in a spawned child process of its own, driven block by
+    block from here: ``run_block(n)`` lets its training loop run n RL steps and returns their
+    seconds; ``phase_steps(n)`` their phase split; ``peak_rss_mib`` the child's peak memory (MiB)."""
 
-    def __init__(self, setup, args, out_dir, bf16, name):
+    def __init__(self, setup, args, out_dir, bf16=False, name="trl"):
         ctx = multiprocessing.get_context("spawn")
         self.name, self.compute_dtype, self._phases = name, "bfloat16" if bf16 else "float32", []
+        self.peak_rss_mib = float("nan")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve_trl_side, args=(child, setup, args, out_dir, bf16, name), daemon=True)
         self.proc.start()
@@ -600,7 +592,8 @@ class RemoteTRLSide:
             raise RuntimeError(msg[1])
         self.flops = roofline.FlopCounts(**msg[1]["flops"])
         self.config_text = msg[1]["config"]
-        self.model = None
+        self.ready_rss_mib = msg[1]["rss_mib"]  # the child's memory once the trainer is built
+        self.model = None  # in the child; the roofline reads the weights' shapes elsewhere
 
     def _recv(self):
         try:
@@ -613,7 +606,7 @@ class RemoteTRLSide:
         msg = self._recv()
         if msg[0] != "ok":
             raise RuntimeError(msg[1])
-        self._phases = msg[2]
+        self._phases, self.peak_rss_mib = msg[2], msg[3]
         return msg[1]
 
     def phase_steps(self, n):
@@ -843,11 +836,11 @@ def main(argv=None):
             sides.append(side)
         if args.only in ("both", "trl"):
             side = TRLSide(setup, args, os.path.join(tmp.name, "trl"))
-            print(f"  trl config     {side.config_text}")
+            print(f"  trl config     {side.config_text} (in a child process)")
             sides.append(side)
             if args.bf16:
                 try:
-                    side = RemoteTRLSide(setup, args, os.path.join(tmp.name, "trl-bf16"), True, "trl-bf16")
+                    side = TRLSide(setup, args, os.path.join(tmp.name, "trl-bf16"), True, "trl-bf16")
                     print(f"  trl-bf16       {side.config_text} (in a child process)")
                     sides.append(side)
                 except RuntimeError as e:
@@ -858,7 +851,7 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         times, phases = {}, {}
         sides = run_interleaved(sides, args, times, phases)
-        report(sides, times, phases, args)
+        report(sides, times, phases, args, setup)
     finally:
         for s in sides:
             with contextlib.suppress(Exception):
@@ -898,7 +891,7 @@ def run_interleaved(sides, args, times, phases):
     return sides
 
 
-def report(sides, times, phases, args):
+def report(sides, times, phases, args, setup):
     print()
     print(f"  {'library':<10}{'dtype':>10}{'median s/step':>15}{'p25':>10}{'p75':>10}{'steps':>8}")
     med = {}
@@ -914,7 +907,7 @@ def report(sides, times, phases, args):
     print()
     fractions = {}
     if not args.no_roofline and any(phases.values()):
-        fractions = print_roofline(sides, phases, args)
+        fractions = print_roofline(sides, phases, args, setup)
         print()
     if args.profile and args.only != "trl":
         profile_ratiorl(sides[0], args)
@@ -948,22 +941,21 @@ def print_phases(sides, phases):
         print(f"  {s.name:<10}" + "".join(cells))
 
 
-def print_roofline(sides, phases, args):
+def print_roofline(sides, phases, args, setup):
     """Achieved model FLOP rates against the measured matmul rates; returns {side: (sampling, training)}."""
     model_side = next((s for s in sides if getattr(s, "model", None) is not None), None)
-    if model_side is None:
-        return {}
+    model = model_side.model if model_side is not None else roofline_model(setup)
     ref_rows = phases.get("ratiorl") or next(v for v in phases.values() if v)
     micro = statistics.median([r.get("#max_micro_tokens", 0.0) for r in ref_rows]) or 1
     shapes = {"sampling": args.num_prompts * args.num_generations,
               "training": int(min(args.roofline_max_rows, micro))}
-    fl = model_side.flops
+    fl = (model_side or sides[0]).flops
     print(f"  roofline (benchmarks/roofline.py): model matmul FLOPs per token {fl.per_token / 1e6:.2f} M "
           f"(output head {fl.head / 1e6:.2f} M); training = {fl.training_factor:.2f} x forward per token "
           f"({'every weight trained' if fl.body_trainable == fl.body else 'LoRA: frozen weights get no weight gradient'})")
     print("  measured rate of the model's own matmuls (GFLOP/s, median of "
           f"{args.roofline_repeats}, {torch.get_num_threads()} threads):")
-    rates = roofline.measure_rates(model_side.model, shapes, threads=torch.get_num_threads(),
+    rates = roofline.measure_rates(model, shapes, threads=torch.get_num_threads(),
                                    repeats=args.roofline_repeats)
     print(f"  {'shape':<28}{'rows':>8}{'float32':>12}{'bfloat16':>12}")
     labels = {"sampling": "sampling (one decode step)", "training": "training (one micro-batch)"}
@@ -990,6 +982,14 @@ def print_roofline(sides, phases, args):
         print(f"  {s.name:<10}{s.compute_dtype:>10}{s_flops / max(s_sec, 1e-12) / 1e9:>10.2f}{fs:>10.4f}"
               f"{t_flops / max(t_sec, 1e-12) / 1e9:>10.2f}{ft:>10.4f}{t.get('#sampled', 0.0) / len(rows):>10.0f}")
     return out
+
+
+def roofline_model(setup: Setup):
+    """The benchmark's model loaded here (for the matmul shapes, when no side in this process has it)."""
+    from transformers import AutoModelForCausalLM
+
+    load_kw = {"gguf_file": setup.gguf_file} if setup.gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32, **load_kw)
 
 
 def profile_ratiorl(side, args):
