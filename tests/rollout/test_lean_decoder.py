@@ -106,10 +106,13 @@ def test_generate_with_greedy_matches(name):
     assert_same(g, g2)
 
 
+@pytest.mark.parametrize("open_columns", [2, 16])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "llama+lora"])
-def test_recorded_logp_is_the_cache_free_forward(name):
+def test_recorded_logp_is_the_cache_free_forward(name, open_columns, monkeypatch):
     """Untruncated sampling at T = 1: behaviour_logp is log softmax of the model's logits at each
-    sampled token, here computed without any KV cache over cat(prompt, completion)."""
+    sampled token, here computed without any KV cache over cat(prompt, completion). With 2 open
+    columns the cache's open block is sealed six times in a call."""
+    monkeypatch.setattr(LeanDecoder, "OPEN_COLUMNS", open_columns)
     model, tok = MODELS[name]()
     policy = Policy(model, tok, reference="none")
     r = HFRolloutEngine(policy, tok).generate(PROMPTS, 3, max_new_tokens=14, generator=torch.Generator().manual_seed(7))
@@ -118,7 +121,9 @@ def test_recorded_logp_is_the_cache_free_forward(name):
     torch.testing.assert_close(r.behaviour_logp, stats.logp, rtol=0, atol=2e-5)
 
 
-def test_finished_rows_leave_the_static_cache(monkeypatch):
+@pytest.mark.parametrize("open_columns", [1, 3, 16])
+def test_finished_rows_leave_the_static_cache(open_columns, monkeypatch):
+    """Rows leave the cache's sealed part and its open block (full, part-written or just sealed)."""
     model, tok = MODELS["gpt2"]()
     lean, hf = engines(model, tok)
     seen = []
@@ -126,15 +131,16 @@ def test_finished_rows_leave_the_static_cache(monkeypatch):
 
     def recording_keep(self, rows):
         keep(self, rows)
-        seen.append((len(rows), self.K.shape[1], self.mask.shape[0], self.positions.shape[0]))
+        seen.append((len(rows), self.K.shape[1], self.V_open.shape[1], self.mask.shape[0], self.positions.shape[0]))
 
     monkeypatch.setattr(LeanDecoder, "keep", recording_keep)
+    monkeypatch.setattr(LeanDecoder, "OPEN_COLUMNS", open_columns)
     a = lean.generate(PROMPTS * 2, 4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     b = hf.generate(PROMPTS * 2, 4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
     assert_same(a, b)
     assert seen, "no row left the batch"
-    assert all(n == k == m == p for n, k, m, p in seen)  # cache, mask and positions shrink together
+    assert all(n == k == o == m == p for n, k, o, m, p in seen)  # cache, mask and positions shrink together
     assert seen[-1][0] < len(PROMPTS) * 8
 
 
