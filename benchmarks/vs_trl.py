@@ -916,6 +916,10 @@ def report(sides, times, phases, args, setup):
     if ref is not None:
         print(f"  speedup against {ref}" + (" (the faster TRL setting that works here: " + ", ".join(
             f"{n} {med[n]:.4f} s/step" for n in trl_sides) + ")" if len(trl_sides) > 1 else ""))
+    if ref is not None and "ratiorl" in fractions and fractions["ratiorl"][2] > 0:
+        floor = fractions["ratiorl"][2]
+        print(f"  the model's matmuls of a step at the measured rates take {floor:.4f} s (sampling and training, "
+              f"all else free): a step doing this arithmetic cannot beat {ref} here by more than {med[ref] / floor:.2f}x")
     if "ratiorl" in fractions:
         print(f"sampling_fraction={fractions['ratiorl'][0]:.4f}")
         print(f"training_fraction={fractions['ratiorl'][1]:.4f}")
@@ -942,7 +946,8 @@ def print_phases(sides, phases):
 
 
 def print_roofline(sides, phases, args, setup):
-    """Achieved model FLOP rates against the measured matmul rates; returns {side: (sampling, training)}."""
+    """Achieved model FLOP rates against the measured matmul rates; returns {side: (sampling fraction,
+    training fraction, seconds per step of the model's matmuls at the measured rates)}."""
     model_side = next((s for s in sides if getattr(s, "model", None) is not None), None)
     model = model_side.model if model_side is not None else roofline_model(setup)
     ref_rows = phases.get("ratiorl") or next(v for v in phases.values() if v)
@@ -978,7 +983,10 @@ def print_roofline(sides, phases, args, setup):
         t_sec = t.get("forward", 0.0) + t.get("backward", 0.0)
         fs = roofline.fraction(s_flops, s_sec, rates[("sampling", s.compute_dtype)])
         ft = roofline.fraction(t_flops, t_sec, rates[("training", s.compute_dtype)])
-        out[s.name] = (fs, ft)
+        # the sampling and training phases' seconds per step if they ran at the measured rates
+        floor = (s_flops / rates[("sampling", s.compute_dtype)] + t_flops / rates[("training", s.compute_dtype)]) \
+            / 1e9 / len(rows)
+        out[s.name] = (fs, ft, floor)
         print(f"  {s.name:<10}{s.compute_dtype:>10}{s_flops / max(s_sec, 1e-12) / 1e9:>10.2f}{fs:>10.4f}"
               f"{t_flops / max(t_sec, 1e-12) / 1e9:>10.2f}{ft:>10.4f}{t.get('#sampled', 0.0) / len(rows):>10.0f}")
     return out
