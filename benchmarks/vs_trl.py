@@ -131,7 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true",
                    help="ratiorl: bf16 sampler + bf16 autocast; TRL: both bf16=False and bf16=True")
     p.add_argument("--no-roofline", action="store_true", help="skip the matmul-rate measurement")
-    p.add_argument("--roofline-repeats", type=int, default=3, help="timed passes per matmul-rate measurement")
+    p.add_argument("--roofline-repeats", type=int, default=10,
+                   help="timed passes per matmul-rate measurement (the fastest sets the limit)")
     p.add_argument("--roofline-max-rows", type=int, default=4096,
                    help="cap on the activation rows of the training-shape measurement")
     p.add_argument("--profile", action="store_true",
@@ -958,7 +959,7 @@ def print_roofline(sides, phases, args, setup):
     print(f"  roofline (benchmarks/roofline.py): model matmul FLOPs per token {fl.per_token / 1e6:.2f} M "
           f"(output head {fl.head / 1e6:.2f} M); training = {fl.training_factor:.2f} x forward per token "
           f"({'every weight trained' if fl.body_trainable == fl.body else 'LoRA: frozen weights get no weight gradient'})")
-    print("  measured rate of the model's own matmuls (GFLOP/s, median of "
+    print("  measured rate of the model's own matmuls (GFLOP/s, fastest of "
           f"{args.roofline_repeats}, {torch.get_num_threads()} threads):")
     rates = roofline.measure_rates(model, shapes, threads=torch.get_num_threads(),
                                    repeats=args.roofline_repeats)

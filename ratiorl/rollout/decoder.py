@@ -26,8 +26,9 @@ weights' dtype, as transformers' forward does.
 
 The cache has two float32 parts, each (layers, rows, kv heads, columns, head dim), in the order of
 ``cat(left-padded prompt, completion)``: a sealed part, contiguous for each layer, and an open block
-of ``OPEN_COLUMNS`` columns that the next completion tokens are written into; when the open block
-is full it is appended to the sealed part (one copy of the cache every ``OPEN_COLUMNS`` steps).
+that the next completion tokens are written into (``OPEN_COLUMNS`` = 16 columns, or a sixteenth of
+the sealed ones when that is more); when the open block is full it is appended to the sealed part
+(one copy of the cache).
 Why two parts: a decode step's attention reads every row's cache, and torch's batched matmul over
 the first n columns of a larger preallocated cache (a strided batch) ran 3x slower than over a
 contiguous one (measured here, 2 threads, 64 rows x 6 heads x 41 columns x 64, six layers: 1.9 ms
@@ -277,9 +278,11 @@ class LeanDecoder:
     next-token logits (rows, V) in the weights' dtype; ``keep(rows)`` keeps only those rows.
     """
 
-    # completion columns gathered in the open block before it is sealed (appended to the contiguous
-    # part with one copy of the cache): see the module docstring
+    # columns of the open block: at least OPEN_COLUMNS, and 1/OPEN_FRACTION of the sealed columns
+    # when that is more (a seal copies the whole cache, so long sequences seal less often): see the
+    # module docstring
     OPEN_COLUMNS = 16
+    OPEN_FRACTION = 16
 
     def __init__(self, model, layout_cls):
         self.model, self.layout_cls = model, layout_cls
@@ -322,22 +325,29 @@ class LeanDecoder:
         # the sealed part: the prompt's columns, one contiguous block per layer
         self.K = torch.stack([_layer_kv(cache, i)[0].index_select(0, rows) for i in range(lay.L)]).float()
         self.V = torch.stack([_layer_kv(cache, i)[1].index_select(0, rows) for i in range(lay.L)]).float()
-        # the open block: completion columns not sealed yet (written before they are read)
-        shape = (lay.L, R, lay.kv_heads, min(self.OPEN_COLUMNS, max_new_tokens), lay.head_dim)
-        self.K_open = torch.empty(shape, dtype=torch.float32, device=dev)
-        self.V_open = torch.empty(shape, dtype=torch.float32, device=dev)
-        self.open = 0  # columns written in the open block
+        self.columns = Tp + max_new_tokens  # all the cache will hold
+        self._open_block()
         self.mask = torch.zeros((R, Tp + max_new_tokens), dtype=torch.float32, device=dev)
         self.mask[:, :Tp].masked_fill_(prompt_mask == 0, float("-inf"))
         self.positions = positions.clone()
         self.Tp = Tp
         self.scale = lay.head_dim ** -0.5
 
+    def _open_block(self) -> None:
+        """A new open block after the sealed columns: completion columns not sealed yet, each written
+        before it is read."""
+        sealed = self.K.shape[3]
+        size = min(self.columns - sealed, max(self.OPEN_COLUMNS, sealed // self.OPEN_FRACTION))
+        shape = self.K.shape[:3] + (size,) + self.K.shape[4:]
+        self.K_open = torch.empty(shape, dtype=torch.float32, device=self.K.device)
+        self.V_open = torch.empty(shape, dtype=torch.float32, device=self.K.device)
+        self.open = 0  # columns written in the open block
+
     def _seal(self) -> None:
         """Append the full open block to the sealed part (one copy of the cache)."""
         self.K = torch.cat([self.K, self.K_open], dim=3)
         self.V = torch.cat([self.V, self.V_open], dim=3)
-        self.open = 0
+        self._open_block()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:

@@ -121,9 +121,10 @@ def test_recorded_logp_is_the_cache_free_forward(name, open_columns, monkeypatch
     torch.testing.assert_close(r.behaviour_logp, stats.logp, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("open_columns", [1, 3, 16])
-def test_finished_rows_leave_the_static_cache(open_columns, monkeypatch):
-    """Rows leave the cache's sealed part and its open block (full, part-written or just sealed)."""
+@pytest.mark.parametrize("open_columns, open_fraction", [(1, 16), (3, 2), (16, 16)])
+def test_finished_rows_leave_the_static_cache(open_columns, open_fraction, monkeypatch):
+    """Rows leave the cache's sealed part and its open block (full, part-written or just sealed;
+    with ``open_fraction`` 2 each open block is half the sealed columns)."""
     model, tok = MODELS["gpt2"]()
     lean, hf = engines(model, tok)
     seen = []
@@ -135,6 +136,7 @@ def test_finished_rows_leave_the_static_cache(open_columns, monkeypatch):
 
     monkeypatch.setattr(LeanDecoder, "keep", recording_keep)
     monkeypatch.setattr(LeanDecoder, "OPEN_COLUMNS", open_columns)
+    monkeypatch.setattr(LeanDecoder, "OPEN_FRACTION", open_fraction)
     a = lean.generate(PROMPTS * 2, 4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     b = hf.generate(PROMPTS * 2, 4, max_new_tokens=20, generator=torch.Generator().manual_seed(0))
