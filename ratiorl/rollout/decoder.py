@@ -269,7 +269,7 @@ for _name in ("llama", "qwen2", "mistral"):
 
 
 class LeanDecoder:
-    """Decode steps of a supported model over a static KV cache (see the module docstring).
+    """Decode steps of a supported model over a preallocated block KV cache (see the module docstring).
 
     ``start(cache, rows, prompt_mask, positions, max_new_tokens)`` takes the prefill's
     transformers cache (one row per distinct prompt, or per row), ``rows`` (row -> cache row),

@@ -207,7 +207,7 @@ class HFRolloutEngine:
         return truncated_logp(logp_all, top_k, top_p, min_p)
 
     def lean_decoder(self) -> LeanDecoder | None:
-        """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (static KV cache,
+        """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (preallocated block KV cache,
         ``ratiorl.rollout.decoder``) when ``decoder="auto"`` and the model has a layout, else None
         (transformers' forward)."""
         return LeanDecoder.for_model(self.model) if self.decoder == "auto" else None
@@ -328,7 +328,7 @@ class HFRolloutEngine:
                 # Prefill each distinct prompt once (P rows, not R) and hand its KV cache to its
                 # rows: the completions of a prompt share the prompt's keys and values.
                 lean = self.lean_decoder()
-                if lean is not None:  # decode steps over a static cache filled from this prefill
+                if lean is not None:  # decode steps over a block cache filled from this prefill
                     out = self._prefill(model, p_ids.to(dev), p_mask.to(dev), G, row_prompt.to(dev), expand=False)
                     lean.start(output_cache(out), row_prompt.to(dev), prompt_mask, next_pos, max_new_tokens)
                     past = None
