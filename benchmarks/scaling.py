@@ -17,10 +17,11 @@ of the hidden state as before). The table reports the mean completion length nex
 so this is checked, not assumed.
 
 Each (library, model, length) cell runs in a fresh Python process (``--cell``, internal): the
-library's trainer is built, ``--warmup`` steps run untimed, then ``--steps`` timed steps. Peak
-memory is the process's ``ru_maxrss`` (the resident-set high-water mark; it includes the Python
-runtime, torch, and the library's imports), reported with the resident set just before the first
-step so that the growth during training can be read off. With ``--roofline`` each cell also
+library's trainer is built (TRL's in a child of that process: ``vs_trl.TRLSide``), ``--warmup``
+steps run untimed, then ``--steps`` timed steps. Peak memory is the ``ru_maxrss`` of the process
+that trains (the resident-set high-water mark; it includes the Python runtime, torch, and the
+library's imports), reported with its resident set just before the first step (TRL: once its
+trainer is built) so that the growth during training can be read off. With ``--roofline`` each cell also
 measures the matmul rate of its model at its shapes (``benchmarks/roofline.py``) and reports the
 sampling and training fractions; without it the table still shows the achieved model GFLOP/s.
 
@@ -343,7 +344,7 @@ def main(argv=None):
     print()
     print("  mean len: the mean completion length reached (the limit when EOS is never sampled); sampling and")
     print("  training: seconds per step in sampling and in forward + backward; GF/s: achieved model GFLOP/s")
-    print("  (benchmarks/roofline.py); peak MiB: ru_maxrss of the cell's process; +MiB: its rise during the steps")
+    print("  (benchmarks/roofline.py); peak MiB: ru_maxrss of the process that trains; +MiB: its rise during the steps")
     print_table(results, args.roofline)
     plot(args, results, args.out)
     print(f"  plot: {args.out}")
