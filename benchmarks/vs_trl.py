@@ -603,6 +603,8 @@ class TRLSide:
             return ("error", f"the child process ended (exit code {self.proc.exitcode})")
 
     def run_block(self, n):
+        if n <= 0:  # nothing to run (e.g. no warm-up)
+            return []
         self.conn.send(("run", n))
         msg = self._recv()
         if msg[0] != "ok":
