@@ -333,7 +333,7 @@ class LeanDecoder:
             self.K_open[i, :, :, :Tp] = k.index_select(0, rows)
             self.V_open[i, :, :, :Tp] = v.index_select(0, rows)
         self.open = Tp
-        self.mask = torch.zeros((R, Tp + max_new_tokens), dtype=torch.float32, device=dev)
+        self.mask = torch.zeros((R, self.columns), dtype=torch.float32, device=dev)
         self.mask[:, :Tp].masked_fill_(prompt_mask == 0, float("-inf"))
         self.positions = positions.clone()
         self.Tp = Tp

@@ -71,12 +71,22 @@ def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, m
     """log q, the distribution a token is drawn from: ``logp_all`` (log softmax(logits / T), last
     dimension the vocabulary) restricted by top-k, then top-p, then min-p (module docstring),
     renormalised; -inf outside. ``logp_all`` itself when nothing is truncated."""
+    truncated = _sorted_truncated_logp(logp_all, top_k, top_p, min_p)
+    if truncated is None:
+        return logp_all
+    kept, order = truncated
+    return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
+
+
+def _sorted_truncated_logp(logp_all: torch.Tensor, top_k: int, top_p: float, min_p: float):
+    """``(log q in the order of logp_all sorted descending, that order)``, or None when nothing is
+    truncated. Every rule drops a tail of the sorted distribution, so q's support is a prefix."""
     V = logp_all.shape[-1]
     use_k = 0 < top_k < V
     use_p = top_p < 1.0
     use_min_p = min_p > 0.0
     if not (use_k or use_p or use_min_p):
-        return logp_all
+        return None
     sorted_lp, order = logp_all.sort(dim=-1, descending=True)
     drop = torch.zeros_like(sorted_lp, dtype=torch.bool)
     if use_k:
@@ -87,8 +97,7 @@ def truncated_logp(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, m
     if use_min_p:  # p < min_p * p_max  <=>  log p < log p_max + log min_p (p_max: the first, always kept)
         drop |= sorted_lp < sorted_lp[..., :1] + math.log(min_p)
     kept = sorted_lp.masked_fill(drop, -torch.inf)
-    kept = kept - torch.logsumexp(kept, -1, keepdim=True)
-    return torch.full_like(logp_all, -torch.inf).scatter(-1, order, kept)
+    return kept - torch.logsumexp(kept, -1, keepdim=True), order
 
 
 DRAWS = ("auto", "multinomial", "inverse_cdf")
@@ -124,13 +133,13 @@ def sample_tokens(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, mi
     ``(tokens, log q of them)``. A row's draw depends only on that row and the generator's state
     (``draw_from``). A truncated distribution is drawn from in sorted order (the same draws as a
     sort-and-mask sampler)."""
-    logq = truncated_logp(logp_all, top_k, top_p, min_p)
-    if logq is logp_all:
+    truncated = _sorted_truncated_logp(logp_all, top_k, top_p, min_p)
+    if truncated is None:
         tok = draw_from(logp_all.exp(), generator, draw)
-    else:
-        q_sorted, order = logq.exp().sort(dim=-1, descending=True)
-        tok = order.gather(-1, draw_from(q_sorted, generator, draw)[:, None]).squeeze(-1)
-    return tok, logq.gather(-1, tok[:, None]).squeeze(-1)
+        return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
+    kept, order = truncated  # drawn in sorted order, as a sort-and-mask sampler does
+    i = draw_from(kept.exp(), generator, draw)[:, None]
+    return order.gather(-1, i).squeeze(-1), kept.gather(-1, i).squeeze(-1)
 
 
 __all__ = ["DRAWS", "INVERSE_CDF_MIN_VOCAB", "check_sampling_options", "draw_from", "sample_tokens", "sampling_options", "truncated_logp"]
