@@ -20,8 +20,7 @@ Each (library, model, length) cell runs in a fresh Python process (``--cell``, i
 library's trainer is built (TRL's in a child of that process: ``vs_trl.TRLSide``), ``--warmup``
 steps run untimed, then ``--steps`` timed steps. Peak memory is the ``ru_maxrss`` of the process
 that trains (the resident-set high-water mark; it includes the Python runtime, torch, and the
-library's imports), reported with its resident set just before the first step (TRL: once its
-trainer is built) so that the growth during training can be read off. With ``--roofline`` each cell also
+library's imports), reported with its resident set once its trainer is built, before the first step, so that the growth during training can be read off. With ``--roofline`` each cell also
 measures the matmul rate of its model at its shapes (``benchmarks/roofline.py``) and reports the
 sampling and training fractions; without it the table still shows the achieved model GFLOP/s.
 
@@ -168,7 +167,6 @@ def run_cell(cell: dict) -> dict:
         try:
             if args.threads and torch.get_num_threads() != args.threads:
                 torch.set_num_threads(args.threads)
-            rss_before = vs_trl.rss_mib() if cell["lib"] == "ratiorl" else side.ready_rss_mib
             side.run_block(args.warmup)
             t0 = time.perf_counter()
             times = side.run_block(args.block)
@@ -185,9 +183,8 @@ def run_cell(cell: dict) -> dict:
             res = {
                 **cell, "params": n_params, "s_per_step": statistics.median(times), "steps_run": len(times),
                 "wall": wall, "mean_length": sampled / seqs if seqs else float("nan"),
-                # TRL trains in a child process of its own (vs_trl.TRLSide), which reports its peak
-                "peak_rss_mib": vs_trl.peak_rss_mib() if cell["lib"] == "ratiorl" else side.peak_rss_mib,
-                "rss_before_mib": rss_before,
+                # of the process that trains (TRL: a child of this one, vs_trl.TRLSide)
+                "peak_rss_mib": side.peak_rss_mib, "rss_before_mib": side.ready_rss_mib,
                 "sampling_s": s_sec / len(times), "training_s": t_sec / len(times),
                 "sampling_gflops": s_flops / s_sec / 1e9 if s_sec else float("nan"),
                 "training_gflops": t_flops / t_sec / 1e9 if t_sec else float("nan"),

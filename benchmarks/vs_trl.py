@@ -79,7 +79,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import typing
 import warnings
@@ -154,7 +153,7 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------
-# phase clocks: exclusive time per phase, charged to the library of the calling thread
+# phase clocks: exclusive time per phase, charged to the library this process trains
 # --------------------------------------------------------------------------------------------
 
 
@@ -230,18 +229,18 @@ def merge_steps(rows):
     return d
 
 
-_THREAD_CLOCKS: dict[int, PhaseClock] = {}
+_CHARGED_CLOCK: list = [None]  # the clock of the library this process trains
 
 
-def register_thread(clock: PhaseClock) -> None:
-    """Charge this thread's backward and optimizer time to ``clock``."""
-    _THREAD_CLOCKS[threading.get_ident()] = clock
+def charge_to(clock: PhaseClock) -> None:
+    """Charge this process's backward and optimizer time to ``clock`` (one library per process)."""
+    _CHARGED_CLOCK[0] = clock
 
 
 def _charged(fn, phase):
     @functools.wraps(fn)
     def timed(*a, **kw):
-        clock = _THREAD_CLOCKS.get(threading.get_ident())
+        clock = _CHARGED_CLOCK[0]
         if clock is None:
             return fn(*a, **kw)
         return clock.call(phase, fn, *a, **kw)
@@ -252,7 +251,7 @@ def _charged(fn, phase):
 
 def install_global_timers() -> None:
     """Wrap backward and clipping for the whole process, and hook every optimizer's step; the time
-    goes to the clock of the calling thread (``register_thread``). Idempotent."""
+    goes to the clock given to ``charge_to``. Idempotent."""
     if getattr(torch.Tensor.backward, "vs_trl_charged", False):
         return
     torch.Tensor.backward = _charged(torch.Tensor.backward, "backward")
@@ -260,14 +259,12 @@ def install_global_timers() -> None:
     torch.nn.utils.clip_grad_norm_ = _charged(torch.nn.utils.clip_grad_norm_, "optimizer")
 
     def pre(optimizer, args, kwargs):
-        clock = _THREAD_CLOCKS.get(threading.get_ident())
-        if clock is not None:
-            clock.enter("optimizer")
+        if _CHARGED_CLOCK[0] is not None:
+            _CHARGED_CLOCK[0].enter("optimizer")
 
     def post(optimizer, args, kwargs):
-        clock = _THREAD_CLOCKS.get(threading.get_ident())
-        if clock is not None:
-            clock.exit()
+        if _CHARGED_CLOCK[0] is not None:
+            _CHARGED_CLOCK[0].exit()
 
     from torch.optim.optimizer import (
         register_optimizer_step_post_hook,
@@ -526,7 +523,7 @@ class TRLRunner:
 
     def train(self):
         """Run TRL's training loop here until the parent closes; a failure goes to the parent."""
-        register_thread(self.clock)
+        charge_to(self.clock)
         try:
             self.trainer.train()
         except Exception as e:  # noqa: BLE001 - reported to the parent, which drops the side
@@ -644,7 +641,7 @@ class RatiorlSide:
         self.trainer = tr = rtrain.Trainer(self.config)
         self.compute_dtype = "bfloat16" if args.bf16 and not self.skipped_bf16() else "float32"
         self.clock = clock = PhaseClock()
-        register_thread(clock)  # the main thread runs ratiorl
+        charge_to(clock)  # this process trains ratiorl
         self.model = tr.policy.model
         self.flops = roofline.FlopCounts.of(self.model)
         engines = {}
@@ -671,6 +668,11 @@ class RatiorlSide:
 
             clock.wrap(upd, "micro_batch_loss", "forward", count=trained)
         clock.wrap(tr.policy, "completion_stats", "forward")
+        self.ready_rss_mib = rss_mib()  # this process's memory once the trainer is built (as TRLSide's)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib()
 
     def skipped_bf16(self):
         return any(k in self.skipped for k in ("rollout.dtype", "train.autocast"))
