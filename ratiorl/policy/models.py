@@ -90,47 +90,94 @@ def is_fsdp_managed(model: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- attention on CPU
 
-CPU_FP32_ATTENTION = "ratiorl_sdpa_cpu_fp32"  # the attention implementation's registered name
+CPU_ATTENTION = "ratiorl_cpu_attention"  # the attention implementation's registered name
+
+# Longest key length (per compute dtype) up to which cpu_attention computes attention as two plain
+# matmuls and a softmax instead of PyTorch's CPU flash kernel. Measured here (2 threads, 6 heads of
+# 64, causal, forward + backward, one batch of ~2300 query rows): at 16 / 72 / 144 / 288 keys, flash
+# attention (float32) took 5.8 / 15.2 / 18.7 / 27.9 ms, the plain float32 form 2.0 / 12.6 / 19.3 /
+# 37.5 ms and the plain bf16 form 1.6 / 7.4 / 12.2 / 26.7 ms; flash bf16 is slower than flash float32
+# (26.8 against 14.0 ms at 72 keys). The plain form keeps the probabilities for the backward
+# (batch x heads x queries x keys): at 256 keys and a head dim of 64 that is no more than the MLP's
+# 4 x hidden activations of the same tokens.
+MATH_ATTENTION_MAX_KEYS = {torch.float32: 128, torch.bfloat16: 256}
 
 
-def sdpa_fp32_on_cpu(module, query, key, value, attention_mask, **kwargs):
-    """transformers' ``sdpa`` attention, computed in float32 on CPU when it would run in bf16/fp16.
+def _plain_attention(query, key, value, attention_mask, scaling, is_causal, dtype):
+    """softmax(q k^T * scaling + mask) v with the matmuls in ``dtype`` and the softmax in float32 (or
+    float64).
+    query (B, H, T, D); key, value (B, KV, S, D) with H a multiple of KV; attention_mask None, bool
+    (True: attend) or additive float, broadcastable to (B, H, T, S). Returns (B, T, H, D)."""
+    B, H, T, D = query.shape
+    groups = H // key.shape[1]
+    if groups > 1:  # each query head reads key/value head h // groups
+        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2))
+    scores = scores.to(torch.promote_types(dtype, torch.float32))
+    scores = scores.mul_(scaling if scaling is not None else D ** -0.5)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # a finite fill: a fully masked (padding) row stays finite
+            scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores.add_(attention_mask.to(scores.dtype))
+    elif is_causal and T > 1:  # sdpa's is_causal: query i attends to keys 0..i
+        causal = torch.ones(T, key.shape[2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill_(~causal, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(dtype), value.to(dtype)).transpose(1, 2).contiguous()
 
-    PyTorch's CPU kernels of ``scaled_dot_product_attention`` are slower in bfloat16 than in
-    float32 (autocast casts their inputs to bf16; a bf16 model gives bf16 inputs): measured on
-    SmolLM2-135M + LoRA, 32 rows x 68 tokens, forward + backward under bf16 autocast, 5.2 s with
-    bf16 attention and 4.6 s with this one. Under autocast the float32 output is left for the next
-    linear layer to cast; without autocast it is cast back to the inputs' dtype. Anywhere else
-    (GPU, float32 inputs) this is plain ``sdpa``.
+
+def cpu_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' ``sdpa`` attention, computed the faster way on CPU.
+
+    On CPU, for at most ``MATH_ATTENTION_MAX_KEYS`` keys, attention is two plain matmuls and a
+    float32 softmax (above); the matmuls run in bf16 when autocast is on or the inputs are bf16 /
+    fp16, in float32 otherwise. Longer: PyTorch's flash kernel in float32, whose bf16 kernel is the
+    slower one (also measured on SmolLM2-135M + LoRA, 32 rows x 68 tokens, forward + backward under
+    bf16 autocast: 5.2 s with bf16 flash attention, 4.6 s with float32). Under autocast the output
+    is left in the compute dtype for the next linear layer; without it, it has the inputs' dtype.
+    Anywhere else (GPU, dropout, an attention bias or softcap, attention weights asked for) this is
+    plain ``sdpa``.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
 
-    autocast_on = torch.is_autocast_enabled("cpu")
-    if query.device.type != "cpu" or not (autocast_on or query.dtype in (torch.bfloat16, torch.float16)):
+    if query.device.type != "cpu" or kwargs.get("dropout") or any(
+            kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get(
+            "output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    autocast_on = torch.is_autocast_enabled("cpu")
+    if (torch.get_autocast_dtype("cpu") if autocast_on else query.dtype) == torch.bfloat16:
+        compute = torch.bfloat16
+    else:  # float16 as float32 (CPU float16 matmuls are slow); float64 stays float64
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     dtype = query.dtype
     with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
-    return (out if autocast_on else out.to(dtype)), weights
+        if key.shape[2] <= MATH_ATTENTION_MAX_KEYS.get(compute, MATH_ATTENTION_MAX_KEYS[torch.float32]):
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            out = _plain_attention(query, key, value, attention_mask, kwargs.get("scaling"), is_causal, compute)
+        else:
+            out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                            **kwargs)
+    return (out if autocast_on else out.to(dtype)), None
 
 
-def use_fp32_attention_on_cpu(model: nn.Module) -> bool:
-    """Switch a model that uses ``sdpa`` attention to :func:`sdpa_fp32_on_cpu` (registered once
-    with transformers' attention and mask interfaces; the masks are sdpa's). The name is not
-    saved with the config. Returns whether the model uses it now."""
+def use_cpu_attention(model: nn.Module) -> bool:
+    """Switch a model that uses ``sdpa`` attention to :func:`cpu_attention` (registered once with
+    transformers' attention and mask interfaces; the masks are sdpa's). The name is not saved with
+    the config. Returns whether the model uses it now."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", CPU_FP32_ATTENTION):
+    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", CPU_ATTENTION):
         return False
     try:
         from transformers import AttentionInterface, AttentionMaskInterface  # noqa: PLC0415
         from transformers.masking_utils import sdpa_mask  # noqa: PLC0415
     except ImportError:  # pragma: no cover - transformers without the attention interfaces
         return False
-    AttentionInterface.register(CPU_FP32_ATTENTION, sdpa_fp32_on_cpu)
-    AttentionMaskInterface.register(CPU_FP32_ATTENTION, sdpa_mask)
-    cfg._attn_implementation = CPU_FP32_ATTENTION
+    AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    cfg._attn_implementation = CPU_ATTENTION
     for m in model.modules():  # some bodies keep their own copy of the name (GPT-2's, for its masks)
         if m is not model and getattr(m, "_attn_implementation", None) == "sdpa":
-            m._attn_implementation = CPU_FP32_ATTENTION
+            m._attn_implementation = CPU_ATTENTION
     return True

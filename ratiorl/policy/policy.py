@@ -49,8 +49,8 @@ class Policy:
       model's hidden size, ``forward.bucket_overhead_tokens``);
     - ``autocast_dtype`` (None | ``torch.bfloat16``): the body under ``torch.autocast`` and the
       head's matmuls in that dtype; weights, gradients and optimizer state keep the model's dtype.
-      With it, or with a bf16/fp16 model, attention runs in fp32 on CPU, where PyTorch's bf16
-      attention kernels are the slower ones (``models.sdpa_fp32_on_cpu``);
+      On CPU attention is computed the faster way for its length and dtype
+      (``models.cpu_attention``: plain matmuls up to a few hundred keys, float32 flash beyond);
     - ``gradient_checkpointing``: recompute each block's activations in the backward (less
       memory, about one more forward of time); transformers' non-reentrant checkpointing.
     """
@@ -103,10 +103,8 @@ class Policy:
             models.disable_dropout(model)
         if fuse_activations:
             models.fuse_activations(model)
-        low_precision = next(self.hf_model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        # CPU attention kernels are slower in bf16 than in fp32: compute attention in fp32 there
-        self.fp32_attention = (autocast_dtype is not None or low_precision) and models.use_fp32_attention_on_cpu(
-            self.hf_model)
+        # attention on CPU: plain matmuls for short sequences, float32 flash attention for long ones
+        self.cpu_attention = models.use_cpu_attention(self.hf_model)
         if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         self.gradient_checkpointing = False
@@ -211,8 +209,8 @@ class Policy:
                                                        **getattr(self, "base_load_kwargs", {}))
             if self.fuse_activations:
                 models.fuse_activations(ref)  # the policy's kernels: KL is exactly 0 at the start
-            if self.fp32_attention:
-                models.use_fp32_attention_on_cpu(ref)
+            if self.cpu_attention:
+                models.use_cpu_attention(ref)
             self._ref_model = freeze(ref.to(self.device))
         return self._ref_model
 

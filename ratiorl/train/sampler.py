@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from ratiorl.policy.models import use_fp32_attention_on_cpu
+from ratiorl.policy.models import use_cpu_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +102,7 @@ class LaggingSampler:
         self.separate = self.lag > 0 or self.every > 1 or dtype != policy_dtype
         if self.separate:
             sampler = copy.deepcopy(model).requires_grad_(False).to(dtype)
-            use_fp32_attention_on_cpu(getattr(sampler, "get_base_model", lambda: sampler)())  # its prefill
+            use_cpu_attention(getattr(sampler, "get_base_model", lambda: sampler)())  # its prefill
             self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder, draw=r.draw)
         else:
             self.engine = shared_engine

@@ -163,44 +163,110 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, llama_dir, ar
 # ----------------------------------------------------------------------------- attention on CPU
 
 
-@pytest.mark.parametrize("kw", [{"autocast_dtype": torch.bfloat16}, {"dtype": torch.bfloat16}], ids=["autocast", "bf16"])
-def test_attention_runs_in_fp32_on_cpu(llama_dir, tmp_path, monkeypatch, kw):
-    from ratiorl.policy.models import CPU_FP32_ATTENTION
+def reference_attention(q, k, v, allowed, scale):
+    """float64 softmax(q k^T scale) v over the allowed (query, key) pairs; k, v repeated to q's heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf")).where(allowed.any(-1, keepdim=True), 0.0)  # no NaN: rows with no key
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)  # (B, T, H, D)
 
-    assert Policy.from_pretrained(llama_dir, reference="none").hf_model.config._attn_implementation == "sdpa"
-    policy = lora_policy(llama_dir, reference="auto", **kw)
-    assert policy.hf_model.config._attn_implementation == CPU_FP32_ATTENTION
+
+def attention_case(S, mask_kind, seed=0):
+    """q (2, 4, T, 8) over S keys with 2 key/value heads; the mask transformers would pass for it, and
+    which (query, key) pairs it allows."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, KV, T, D = 2, 4, 2, S, 8
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, KV, S, D, generator=g), torch.randn(B, KV, S, D, generator=g)
+    causal = torch.ones(T, S, dtype=torch.bool).tril()
+    if mask_kind == "causal":  # no mask: sdpa's is_causal
+        return q, k, v, None, causal.expand(B, 1, T, S)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, :3] = True  # row 1 is left-padded by three tokens
+    allowed = causal & ~pad[:, None, None, :]
+    if mask_kind == "bool":
+        return q, k, v, allowed, allowed
+    return q, k, v, torch.zeros(B, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min), allowed
+
+
+class Attn(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+@pytest.mark.parametrize("S", [12, 200], ids=["plain", "flash"])  # 200 keys: above the float32 plain limit
+def test_cpu_attention_float32_equals_float64(S, mask_kind):
+    from ratiorl.policy.models import MATH_ATTENTION_MAX_KEYS, cpu_attention
+
+    assert (S <= MATH_ATTENTION_MAX_KEYS[torch.float32]) == (S == 12)
+    q0, k0, v0, mask, allowed = attention_case(S, mask_kind)
+    q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
+    out, weights = cpu_attention(Attn(), q, k, v, mask, scaling=0.3, dropout=0.0)
+    assert weights is None and out.dtype == torch.float32 and out.shape == (2, S, 4, 8)
+    valid = allowed.any(-1)[:, 0][:, :, None, None].expand_as(out)  # queries that see a key
+    qd, kd, vd = (x.double().requires_grad_(True) for x in (q0, k0, v0))
+    ref = reference_attention(qd, kd, vd, allowed, 0.3)
+    torch.testing.assert_close(out[valid].double(), ref[valid], rtol=0, atol=2e-6)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)) * valid
+    (out * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    for a, b in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 inputs"])
+@pytest.mark.parametrize("S", [12, 300], ids=["plain", "flash"])  # 300 keys: above the bf16 plain limit
+def test_cpu_attention_in_bf16(how, S, monkeypatch):
+    """Up to the limit the matmuls run in bf16 (the probabilities are rounded to bf16 once); above it
+    float32 flash attention. Under autocast the output stays in the compute dtype, otherwise it has
+    the inputs' dtype."""
+    from ratiorl.policy.models import MATH_ATTENTION_MAX_KEYS, cpu_attention
+
+    assert (S <= MATH_ATTENTION_MAX_KEYS[torch.bfloat16]) == (S == 12)
+    q, k, v, mask, allowed = attention_case(S, "bool", seed=1)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(q, k, v, *a, **k2):
-        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
-        return sdpa(q, k, v, *a, **k2)
+    def spy(*a, **kw):
+        seen.append(tuple(x.dtype for x in a[:3]))
+        return sdpa(*a, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = cpu_attention(Attn(), q, k, v, mask, scaling=0.3)
+        assert out.dtype == (torch.bfloat16 if S == 12 else torch.float32)
+    else:
+        q, k, v = (x.bfloat16() for x in (q, k, v))
+        out, _ = cpu_attention(Attn(), q, k, v, mask, scaling=0.3)
+        assert out.dtype == torch.bfloat16
+    assert seen == ([] if S == 12 else [(torch.float32,) * 3])
+    valid = allowed.any(-1)[:, 0][:, :, None, None].expand_as(out)
+    ref = reference_attention(q, k, v, allowed, 0.3)
+    err = (out.double() - ref)[valid].abs().max()
+    assert err < 0.03  # bf16 rounding of the inputs, the scores, the probabilities and the output
+    if S == 12:  # the plain form really runs its matmuls in bf16: not the float32 result
+        exact = reference_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), allowed, 0.3)
+        assert (out.double() - exact)[valid].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kw", [{}, {"autocast_dtype": torch.bfloat16}, {"dtype": torch.bfloat16}],
+                         ids=["float32", "autocast", "bf16"])
+def test_policy_uses_cpu_attention(llama_dir, tmp_path, kw):
+    from ratiorl.policy.models import CPU_ATTENTION
+
+    policy = lora_policy(llama_dir, reference="auto", **kw)
+    assert policy.hf_model.config._attn_implementation == CPU_ATTENTION
     batch = grouped_batch(P=2, G=3, Tp=5, Tc=6, V=100, seed=0)
     st = policy.completion_stats(*batch, with_kl=True)  # the policy and its adapter reference
-    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
     assert torch.isfinite(st.logp).all() and torch.isfinite(st.token_kl).all()
-    # against transformers' own sdpa (bf16 attention): the same up to bf16 rounding
+    # against transformers' own sdpa: the same up to float32 rounding, or bf16's
     policy.hf_model.config._attn_implementation = "sdpa"
     plain = policy.completion_stats(*batch, with_kl=True)
     m = batch[3].bool()
-    assert float((st.logp - plain.logp).detach()[m].abs().max()) < 0.1
+    assert float((st.logp - plain.logp).detach()[m].abs().max()) < (1e-5 if not kw else 0.1)
     # the name is not saved: the saved model loads with plain sdpa
-    policy.hf_model.config._attn_implementation = CPU_FP32_ATTENTION
+    policy.hf_model.config._attn_implementation = CPU_ATTENTION
     policy.save_pretrained(tmp_path / "saved", merged=True)
     assert "ratiorl" not in (tmp_path / "saved" / "config.json").read_text()
-
-
-def test_fp32_attention_output_dtype_without_autocast():
-    from ratiorl.policy.models import sdpa_fp32_on_cpu
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 5, 8, generator=g).bfloat16() for _ in range(3))
-    module = torch.nn.Module()
-    module.is_causal = True
-    out, _ = sdpa_fp32_on_cpu(module, q, k, v, None)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, ref.transpose(1, 2).bfloat16(), rtol=0, atol=0)
