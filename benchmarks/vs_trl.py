@@ -797,6 +797,11 @@ def quiet_transformers():
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    with contextlib.suppress(ImportError):  # a tqdm bar that switch does not reach: GGUF de-quantisation
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
 def main(argv=None):

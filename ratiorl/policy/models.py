@@ -108,7 +108,7 @@ def _plain_attention(query, key, value, attention_mask, scaling, is_causal, dtyp
     float64).
     query (B, H, T, D); key, value (B, KV, S, D) with H a multiple of KV; attention_mask None, bool
     (True: attend) or additive float, broadcastable to (B, H, T, S). Returns (B, T, H, D)."""
-    B, H, T, D = query.shape
+    _, H, T, D = query.shape
     groups = H // key.shape[1]
     if groups > 1:  # each query head reads key/value head h // groups
         key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
