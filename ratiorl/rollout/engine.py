@@ -28,6 +28,7 @@ the stop string.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -40,6 +41,27 @@ from .batch import Rollout
 from .decoder import LeanDecoder
 from .stops import StopStrings
 from .truncation import DRAWS, check_sampling_options, sample_tokens, truncated_logp
+
+
+@contextlib.contextmanager
+def contiguous_head_input(model: nn.Module):
+    """While open, the output head of ``model`` (a transformers causal LM or its PEFT wrapper) gets
+    a contiguous input. transformers applies it to ``hidden_states[:, -1:, :]`` for the last
+    position's logits, a strided view, and torch's CPU matmul of a strided 3-D input with a
+    (vocabulary, hidden) weight copies the weight once per row: measured here (2 threads, 8
+    prompts, SmolLM2's 49,152 x 576 head) 715 ms in bf16 and 42 ms in float32, against 7.8 and
+    18.6 ms for the same product over a contiguous copy of the 8 rows."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @runtime_checkable
@@ -220,10 +242,11 @@ class HFRolloutEngine:
         keeps one row per prompt (only the logits are expanded)."""
         pos = position_ids_from_mask(mask)
         prefill = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        try:  # only the last position's logits are needed
-            out = model(**prefill, logits_to_keep=1)
-        except TypeError:  # a model whose forward has no logits_to_keep
-            out = model(**prefill)
+        with contiguous_head_input(model):
+            try:  # only the last position's logits are needed
+                out = model(**prefill, logits_to_keep=1)
+            except TypeError:  # a model whose forward has no logits_to_keep
+                out = model(**prefill)
         cache = output_cache(out)
         if not expand:
             out.logits = out.logits[:, -1:].index_select(0, rows)

@@ -255,3 +255,29 @@ def test_snapshot_is_a_frozen_copy_in_the_sampler_dtype(eos_model_dir):
     eng.load_weights(policy.model)  # a sync casts the new fp32 weights
     for k, v in policy.model.state_dict().items():
         assert torch.equal(eng.model.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+def test_prefill_gives_the_output_head_a_contiguous_input(eos_model_dir):
+    """transformers applies the head to hidden_states[:, -1:, :] (a strided view, which torch's CPU
+    matmul handles by copying the weight per row); the prefill makes it contiguous, and only then."""
+    from ratiorl.policy import position_ids_from_mask
+
+    policy, eng = engine_for(eos_model_dir)
+    head = policy.model.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    eng.generate(PROMPTS, 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert seen[0] == ((len(PROMPTS), 1, head.in_features), True)  # the prefill's last positions
+    assert not head._forward_pre_hooks  # the head is as before after the call
+    enc = eng.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    seen.clear()
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+    with torch.no_grad():
+        out = HFRolloutEngine._prefill(policy.model, ids, mask, 1)
+        plain = policy.model(**kw, logits_to_keep=1).logits  # transformers' own: a strided view
+        ref = policy.model(**kw).logits  # every position
+    hook.remove()
+    assert [c for _s, c in seen] == [True, False, True]
+    torch.testing.assert_close(out.logits[:, -1], ref[:, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits[:, -1], plain[:, -1], rtol=0, atol=1e-5)
