@@ -103,28 +103,46 @@ CPU_ATTENTION = "ratiorl_cpu_attention"  # the attention implementation's regist
 MATH_ATTENTION_MAX_KEYS = {torch.float32: 128, torch.bfloat16: 256}
 
 
+def _stack_groups(mask, kv_heads, groups, T, S):
+    """A 4-D mask (b, 1 or heads, T, S) laid out like the stacked queries below: (b, 1 or kv_heads,
+    groups x T, S)."""
+    b, h = mask.shape[0], mask.shape[1]
+    mask = mask.expand(b, h, T, S)
+    if groups == 1:
+        return mask
+    if h == 1:
+        return mask.unsqueeze(2).expand(b, 1, groups, T, S).reshape(b, 1, groups * T, S)
+    return mask.reshape(b, kv_heads, groups * T, S)
+
+
 def _plain_attention(query, key, value, attention_mask, scaling, is_causal, dtype):
     """softmax(q k^T * scaling + mask) v with the matmuls in ``dtype`` and the softmax in float32 (or
     float64).
-    query (B, H, T, D); key, value (B, KV, S, D) with H a multiple of KV; attention_mask None, bool
-    (True: attend) or additive float, broadcastable to (B, H, T, S). Returns (B, T, H, D)."""
-    _, H, T, D = query.shape
-    groups = H // key.shape[1]
-    if groups > 1:  # each query head reads key/value head h // groups
-        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
-    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2))
+    query (B, H, T, D); key, value (B, KV, S, D) with H a multiple of KV; attention_mask None, or a
+    4-D bool (True: attend) or additive float mask broadcastable to (B, H, T, S). Returns (B, T, H, D).
+
+    Query head h reads key/value head h // (H / KV) (grouped-query attention): the queries of the
+    heads that share a key/value head are stacked into one (H / KV) x T matrix, so the keys and
+    values are read as they are instead of repeated per head (a copy, and a sum in the backward)."""
+    B, H, T, D = query.shape
+    kv_heads, S = key.shape[1], key.shape[2]
+    groups = H // kv_heads
+    q = query.reshape(B, kv_heads, groups * T, D)
+    scores = torch.matmul(q.to(dtype), key.to(dtype).transpose(-1, -2))  # (B, KV, groups x T, S)
     scores = scores.to(torch.promote_types(dtype, torch.float32))
     scores = scores.mul_(scaling if scaling is not None else D ** -0.5)
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # a finite fill: a fully masked (padding) row stays finite
-            scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        mask = _stack_groups(attention_mask, kv_heads, groups, T, S)
+        if mask.dtype == torch.bool:  # a finite fill: a fully masked (padding) row stays finite
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores.add_(attention_mask.to(scores.dtype))
+            scores = scores.add_(mask.to(scores.dtype))
     elif is_causal and T > 1:  # sdpa's is_causal: query i attends to keys 0..i
-        causal = torch.ones(T, key.shape[2], dtype=torch.bool, device=query.device).tril()
+        causal = torch.ones(T, S, dtype=torch.bool, device=query.device).tril().repeat(groups, 1)
         scores = scores.masked_fill_(~causal, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs.to(dtype), value.to(dtype)).transpose(1, 2).contiguous()
+    out = torch.matmul(probs.to(dtype), value.to(dtype))  # (B, KV, groups x T, D)
+    return out.view(B, H, T, D).transpose(1, 2).contiguous()
 
 
 def cpu_attention(module, query, key, value, attention_mask, **kwargs):
@@ -141,7 +159,8 @@ def cpu_attention(module, query, key, value, attention_mask, **kwargs):
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
 
-    if query.device.type != "cpu" or kwargs.get("dropout") or any(
+    if query.device.type != "cpu" or kwargs.get("dropout") or (
+            attention_mask is not None and attention_mask.dim() != 4) or any(
             kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get(
             "output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -186,6 +186,10 @@ def attention_case(S, mask_kind, seed=0):
     allowed = causal & ~pad[:, None, None, :]
     if mask_kind == "bool":
         return q, k, v, allowed, allowed
+    if mask_kind == "per head":  # odd heads do not see key 1 (from query 2 on)
+        heads = allowed.expand(B, H, T, S).clone()
+        heads[:, 1::2, 2:, 1] = False
+        return q, k, v, heads, heads
     return q, k, v, torch.zeros(B, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min), allowed
 
 
@@ -194,7 +198,7 @@ class Attn(torch.nn.Module):
     num_key_value_groups = 2
 
 
-@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive", "per head"])
 @pytest.mark.parametrize("S", [12, 200], ids=["plain", "flash"])  # 200 keys: above the float32 plain limit
 def test_cpu_attention_float32_equals_float64(S, mask_kind):
     from ratiorl.policy.models import MATH_ATTENTION_MAX_KEYS, cpu_attention
@@ -204,7 +208,7 @@ def test_cpu_attention_float32_equals_float64(S, mask_kind):
     q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
     out, weights = cpu_attention(Attn(), q, k, v, mask, scaling=0.3, dropout=0.0)
     assert weights is None and out.dtype == torch.float32 and out.shape == (2, S, 4, 8)
-    valid = allowed.any(-1)[:, 0][:, :, None, None].expand_as(out)  # queries that see a key
+    valid = allowed.expand(2, 4, S, S).any(-1).transpose(1, 2)[..., None].expand_as(out)  # queries that see a key
     qd, kd, vd = (x.double().requires_grad_(True) for x in (q0, k0, v0))
     ref = reference_attention(qd, kd, vd, allowed, 0.3)
     torch.testing.assert_close(out[valid].double(), ref[valid], rtol=0, atol=2e-6)
