@@ -170,6 +170,8 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T  # at least one full-length response
+    if sequence_level:
+        lengths[B - 1] = T  # and a second one (below)
     if with_empty:
         lengths[B // 2] = 0
     mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
@@ -177,6 +179,13 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
     if sequence_level:
         # per-sequence offset so that the *mean* log-ratio lands in and out of the window
         offset = spread * torch.linspace(-3.0, 3.0, B, dtype=torch.float64)[torch.randperm(B, generator=gen)]
+        # the largest and smallest offsets go to the two full-length rows, 0 and B-1, where the
+        # token noise averages out: on the empty row, or a one-token row with strong noise, the
+        # batch could miss a clip bound (seen with RATIORL_TEST_SEED=14163881 on b6t12_empty)
+        top = int(offset.argmax())
+        offset[[0, top]] = offset[[top, 0]]
+        bottom = int(offset.argmin())
+        offset[[B - 1, bottom]] = offset[[bottom, B - 1]]
         noise = 0.5 * spread * torch.randn(B, T, generator=gen, dtype=torch.float64)
         delta = offset.unsqueeze(1) + noise
     else:
@@ -197,6 +206,10 @@ def make_batch(shape_key: str, spread: float, sequence_level: bool):
         mean_delta = torch.where(lengths > 0, (delta * mask).sum(1) / lengths.clamp(min=1), torch.nan)
         hi, lo = int(mean_delta.nan_to_num(-torch.inf).argmax()), int(mean_delta.nan_to_num(torch.inf).argmin())
         adv[hi], adv[lo] = adv[hi].abs() + 0.1, -adv[lo].abs() - 0.1
+        # and one more sequence whose advantage pushes away from the bound its ratio is nearer, so
+        # that not every sequence is clipped
+        mid = next(i for i in range(B) if lengths[i] > 0 and i not in (hi, lo))
+        adv[mid] = -torch.sign(mean_delta[mid]) * (adv[mid].abs() + 0.1)
     group_ids = torch.arange(B) // G
     return dict(
         logp=logp.to(dtype),
