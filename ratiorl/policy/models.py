@@ -100,7 +100,7 @@ CPU_ATTENTION = "ratiorl_cpu_attention"  # the attention implementation's regist
 # (26.8 against 14.0 ms at 72 keys). The plain form keeps the probabilities for the backward
 # (batch x heads x queries x keys): at 256 keys and a head dim of 64 that is no more than the MLP's
 # 4 x hidden activations of the same tokens.
-MATH_ATTENTION_MAX_KEYS = {torch.float32: 128, torch.bfloat16: 256}
+MATH_ATTENTION_MAX_KEYS = {torch.float32: 128, torch.float64: 128, torch.bfloat16: 256}
 
 
 def _stack_groups(mask, kv_heads, groups, T, S):
@@ -149,8 +149,9 @@ def cpu_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' ``sdpa`` attention, computed the faster way on CPU.
 
     On CPU, for at most ``MATH_ATTENTION_MAX_KEYS`` keys, attention is two plain matmuls and a
-    float32 softmax (above); the matmuls run in bf16 when autocast is on or the inputs are bf16 /
-    fp16, in float32 otherwise. Longer: PyTorch's flash kernel in float32, whose bf16 kernel is the
+    float32 softmax (above); the matmuls run in bf16 under bf16 autocast or with bf16 inputs, in
+    float64 with float64 inputs, in float32 otherwise (float16 too: CPU float16 matmuls are slow).
+    Longer: PyTorch's flash kernel in float32 (float64 inputs stay float64), whose bf16 kernel is the
     slower one (also measured on SmolLM2-135M + LoRA, 32 rows x 68 tokens, forward + backward under
     bf16 autocast: 5.2 s with bf16 flash attention, 4.6 s with float32). Under autocast the output
     is left in the compute dtype for the next linear layer; without it, it has the inputs' dtype.
@@ -167,16 +168,17 @@ def cpu_attention(module, query, key, value, attention_mask, **kwargs):
     autocast_on = torch.is_autocast_enabled("cpu")
     if (torch.get_autocast_dtype("cpu") if autocast_on else query.dtype) == torch.bfloat16:
         compute = torch.bfloat16
-    else:  # float16 as float32 (CPU float16 matmuls are slow); float64 stays float64
+    else:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     dtype = query.dtype
     with torch.autocast("cpu", enabled=False):
-        if key.shape[2] <= MATH_ATTENTION_MAX_KEYS.get(compute, MATH_ATTENTION_MAX_KEYS[torch.float32]):
+        if key.shape[2] <= MATH_ATTENTION_MAX_KEYS[compute]:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
             out = _plain_attention(query, key, value, attention_mask, kwargs.get("scaling"), is_causal, compute)
-        else:
-            out, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+        else:  # flash attention, never below float32
+            flash = torch.promote_types(compute, torch.float32)
+            out, _ = sdpa_attention_forward(module, query.to(flash), key.to(flash), value.to(flash), attention_mask,
                                             **kwargs)
     return (out if autocast_on else out.to(dtype)), None
 

@@ -219,6 +219,18 @@ def test_cpu_attention_float32_equals_float64(S, mask_kind):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("S", [12, 200], ids=["plain", "flash"])
+def test_cpu_attention_keeps_float64(S):
+    from ratiorl.policy.models import cpu_attention
+
+    q, k, v, mask, allowed = attention_case(S, "bool", seed=2)
+    q, k, v = (x.double() for x in (q, k, v))
+    out, _ = cpu_attention(Attn(), q, k, v, mask, scaling=0.3)
+    assert out.dtype == torch.float64
+    valid = allowed.any(-1)[:, 0][:, :, None, None].expand_as(out)
+    torch.testing.assert_close(out[valid], reference_attention(q, k, v, allowed, 0.3)[valid], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("how", ["autocast", "bf16 inputs"])
 @pytest.mark.parametrize("S", [12, 300], ids=["plain", "flash"])  # 300 keys: above the bf16 plain limit
 def test_cpu_attention_in_bf16(how, S, monkeypatch):
