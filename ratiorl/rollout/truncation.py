@@ -122,9 +122,39 @@ def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None, met
         raise ValueError(f"draw method must be one of {', '.join(DRAWS)}, got {method!r}")
     if method == "multinomial" or (method == "auto" and probs.shape[-1] < INVERSE_CDF_MIN_VOCAB):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cdf = probs.double().cumsum(-1)
     u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator, device=probs.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return _inverse_cdf(probs, u)
+
+
+INVERSE_CDF_BLOCK = 512  # vocabulary entries per block of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first index whose cumulative probability exceeds u x total, per row (``u``: (R, 1)
+    float64 in [0, 1)), in two levels: float64 sums of blocks of ``INVERSE_CDF_BLOCK`` entries and
+    their cumulative sum pick the block, then the cumulative sum inside that block alone picks
+    the entry. The same draw as one float64 cumulative sum over the whole row up to the order of
+    the float64 additions; it reads the row once instead of writing and reading two float64
+    copies of it (measured here, 64 rows x 49,152 tokens: 5-33 ms a step for those copies in a
+    training process). An entry of probability 0 is never drawn."""
+    R, V = probs.shape
+    B = INVERSE_CDF_BLOCK
+    full = V // B * B
+    sums = [probs[:, :full].reshape(R, -1, B).sum(-1, dtype=torch.float64)] if full else []
+    if full < V:
+        sums.append(probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64))
+    block_cdf = torch.cat(sums, 1).cumsum(-1)  # (R, blocks)
+    target = u * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (R, 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    cols = block * B + torch.arange(B, device=probs.device)  # (R, B): the block's entries
+    inside = cols < V
+    local = probs.gather(1, cols.clamp(max=V - 1)).double() * inside
+    cdf = before + local.cumsum(-1)
+    i = torch.searchsorted(cdf, target, right=True)
+    # rounding can leave the block's own total at or below the target: take its last entry > 0
+    last = torch.where(local > 0, torch.arange(B, device=probs.device), -1).amax(-1, keepdim=True)
+    return (block * B + torch.minimum(i, last)).squeeze(-1)
 
 
 def sample_tokens(logp_all: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,

@@ -50,3 +50,53 @@ def test_a_point_mass_is_always_drawn_and_bad_methods_are_named():
         draw_from(p, None, "gumbel")
     with pytest.raises(ValueError, match="draw must be one of"):
         HFRolloutEngine(None, None, draw="gumbel")
+
+
+@pytest.mark.parametrize("V", [7, 512, 1000, 8192, 49_152, 50_001])
+def test_two_level_inverse_cdf_equals_one_cumulative_sum(V):
+    """The block sums pick the same token as one float64 cumulative sum over the whole row (the
+    reference below), with zeros, peaked and flat rows, and vocabularies that are not a multiple
+    of the block (the last block is partial)."""
+    g = torch.Generator().manual_seed(V)
+    rows = []
+    for scale in (0.1, 1.0, 4.0, 12.0):
+        p = torch.softmax(torch.randn(48, V, generator=g) * scale, -1)
+        p[:, torch.randperm(V, generator=g)[: V // 3]] = 0  # a third of the vocabulary impossible
+        rows.append(p / p.sum(-1, keepdim=True))
+    p = torch.cat(rows)
+    u = torch.rand((p.shape[0], 1), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    cdf = p.double().cumsum(-1)
+    want = (cdf <= u * cdf[:, -1:]).sum(-1).clamp(max=V - 1)
+    got = draw_from(p, torch.Generator().manual_seed(7), "inverse_cdf")
+    assert torch.equal(got, want)
+    assert (p.gather(1, got[:, None]) > 0).all()
+
+
+def test_inverse_cdf_at_the_top_of_the_unit_interval_draws_the_last_possible_token():
+    """u just below 1 lands on the last token of positive probability, never on the zeros after it
+    (nor past the end), even when that token sits in an earlier block than the last."""
+    from ratiorl.rollout.truncation import INVERSE_CDF_BLOCK, _inverse_cdf
+
+    V = 3 * INVERSE_CDF_BLOCK + 5
+    p = torch.zeros(3, V)
+    p[0, :10] = 0.1  # the mass in the first block only
+    p[1, INVERSE_CDF_BLOCK + 3] = 1.0  # a point mass in the second block
+    p[2, :] = 1.0 / V  # flat, up to the partial last block
+    u = torch.full((3, 1), 1.0 - 2.0**-53, dtype=torch.float64)
+    assert _inverse_cdf(p, u).tolist() == [9, INVERSE_CDF_BLOCK + 3, V - 1]
+    assert _inverse_cdf(p, torch.zeros(3, 1, dtype=torch.float64)).tolist() == [0, INVERSE_CDF_BLOCK + 3, 0]
+
+
+def test_inverse_cdf_never_draws_a_zero_when_the_block_sums_round_above_the_running_sum():
+    """A block whose float64 sum (summed in parallel lanes) exceeds its running cumulative sum (1.0
+    absorbs each 1e-17 added to it one at a time): a target above the running total must still
+    pick an entry of positive probability in that block, not the zero after it."""
+    from ratiorl.rollout.truncation import INVERSE_CDF_BLOCK, _inverse_cdf
+
+    B = INVERSE_CDF_BLOCK
+    p = torch.zeros(1, 2 * B)
+    p[0, 0], p[0, 1:B] = 1.0, 1e-17
+    total = p.sum(-1, dtype=torch.float64)
+    assert float(total) > 1.0  # the premise: the parallel sum keeps the small entries
+    tok = int(_inverse_cdf(p, torch.full((1, 1), 1.0 - 2.0**-53, dtype=torch.float64)))
+    assert 0 <= tok < B and p[0, tok] > 0
