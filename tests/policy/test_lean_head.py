@@ -189,3 +189,40 @@ def test_never_materialises_tokens_by_vocabulary():
     assert _largest_allocation(naive) >= full  # the measurement does see a full-logits tensor
     # lean: a tile is 128 x 1024 floats (1/16 of the full tensor); W's gradient is V x H
     assert _largest_allocation(lean) <= max(128 * 1024 * 4, V * H * 4) * 1.5 < full / 4
+
+
+def test_frozen_head_cast_is_kept_until_the_weight_changes():
+    """A frozen weight (a LoRA model's tied head) is cast to the matmul dtype once and the cast is
+    reused, by the forward and the backward, until an in-place change bumps its version; a weight
+    that trains is cast at every call; casts of freed weights leave the cache."""
+    import gc
+
+    from ratiorl.policy import lean_head as L
+
+    h, W, _, _, _, t, _ = make_inputs(24, 16, 40, seed=9)
+    frozen = torch.nn.Parameter(W.detach().clone(), requires_grad=False)
+    first = L._matmul_weight(frozen, torch.bfloat16)
+    assert L._matmul_weight(frozen, torch.bfloat16) is first and torch.equal(first, frozen.bfloat16())
+    with torch.no_grad():
+        frozen.mul_(2)
+    second = L._matmul_weight(frozen, torch.bfloat16)
+    assert second is not first and torch.equal(second, frozen.bfloat16())
+    trains = torch.nn.Parameter(W.detach().clone())
+    assert L._matmul_weight(trains, torch.bfloat16) is not L._matmul_weight(trains, torch.bfloat16)
+
+    # the statistics and the hidden-state gradient with the kept cast equal those with a fresh one
+    def stats(weight):
+        hh = h.detach().clone().requires_grad_()
+        out = lean_token_stats(hh, weight, t, with_entropy=True, vocab_chunk=9, token_chunk=7,
+                               matmul_dtype=torch.bfloat16)
+        (g,) = torch.autograd.grad(out[0].sum() + out[1].sum(), [hh])
+        return out[0], out[1], g
+
+    cached, fresh = stats(frozen), stats(torch.nn.Parameter(frozen.detach().clone()))
+    for a, b in zip(cached, fresh):
+        assert torch.equal(a, b)
+    del frozen, first, second, cached
+    gc.collect()
+    alive = torch.randn(5, 3)
+    L._matmul_weight(alive, torch.bfloat16)  # a new entry clears the freed ones
+    assert L._FROZEN_CASTS and all(owner() is not None for owner, _, _ in L._FROZEN_CASTS.values())
