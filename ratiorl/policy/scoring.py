@@ -37,7 +37,8 @@ from .forward import (
     masked_completion_hidden,
     prompt_groups,
 )
-from .lean_head import lean_token_stats
+from .lean_head import _matmul_weight, lean_token_stats
+from .models import is_fsdp_managed
 from .models import is_fsdp_managed
 
 
@@ -250,11 +251,55 @@ def reference_logp(policy, prompt_ids, prompt_mask, completion_ids, completion_m
     return batch.scatter(logq)
 
 
+@contextlib.contextmanager
 def autocast(policy):
-    """``torch.autocast`` on the policy's device type with ``policy.autocast_dtype``, or nothing."""
+    """``torch.autocast`` on the policy's device type with ``policy.autocast_dtype``, or nothing.
+
+    Inside it, on CPU, the frozen weights of the matmul layers of the policy's and the reference
+    model's bodies (a LoRA model's base layers, a frozen reference) read their kept casts
+    (:func:`frozen_matmul_weights`)."""
     if policy.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=policy.device.type, dtype=policy.autocast_dtype)
+        yield
+        return
+    ref = getattr(policy, "_ref_model", None)  # a separate reference once loaded (not loaded here)
+    models = [policy.hf_model] + ([ref] if ref is not None else [])
+    with torch.autocast(device_type=policy.device.type, dtype=policy.autocast_dtype), \
+            frozen_matmul_weights(models, policy.autocast_dtype):
+        yield
+
+
+def _is_matmul_layer(module: nn.Module) -> bool:
+    """nn.Linear, and transformers' Conv1D (GPT-2's projections: ``addmm`` with a (in, out) weight)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+@contextlib.contextmanager
+def frozen_matmul_weights(models, dtype: torch.dtype):
+    """While open, every matmul layer (nn.Linear, Conv1D) of ``models`` whose weight is frozen,
+    on the CPU and not in ``dtype`` reads a cast of it to ``dtype`` that is kept while the weight
+    lives with the same storage and version (``lean_head._matmul_weight``); output heads keep
+    theirs (the lean head casts and keeps its own). Autocast casts a weight once per region only
+    when it requires grad, so a frozen one was cast again at every body call: SmolLM2's 30
+    layers of LoRA base weights, 106M elements, took 70-90 ms a cast here (2 threads), and a
+    training step makes several body calls (the shared prompt pass and each length bucket). The
+    values are the same: autocast rounds each weight to ``dtype`` exactly as the kept cast is."""
+    swapped = []
+    try:
+        for model in models:
+            if is_fsdp_managed(model):  # FSDP owns its modules' parameters (they are views it swaps itself)
+                continue
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            for module in model.modules():
+                w = module._parameters.get("weight") if _is_matmul_layer(module) and module is not head else None
+                if w is None or w.requires_grad or w.device.type != "cpu" or w.dtype == dtype \
+                        or not w.is_floating_point():
+                    continue
+                module._parameters["weight"] = nn.Parameter(_matmul_weight(w, dtype), requires_grad=False)
+                swapped.append((module, w))
+        yield
+    finally:
+        for module, w in reversed(swapped):
+            module._parameters["weight"] = w
 
 
 @contextlib.contextmanager

@@ -128,6 +128,63 @@ def test_autocast_is_close_to_float32_and_keeps_fp32_masters(tiny_dir, llama_dir
     assert all(t.dtype == torch.float32 for s in opt.state.values() for k, t in s.items() if k != "step")
 
 
+@pytest.mark.parametrize("arch,lora", [("llama", True), ("gpt2", True), ("gpt2", False)])
+def test_frozen_weights_keep_their_cast_and_give_the_same_numbers(tiny_dir, llama_dir, arch, lora, monkeypatch):
+    """Under autocast the frozen matmul weights (LoRA base layers; a full model's separate
+    reference) read a kept bf16 cast: the statistics and gradients are bitwise those of autocast
+    casting them at every call, the same cast serves every call while the weight is unchanged,
+    trainable weights, norms, embeddings and the output head are left alone, and the modules get
+    their own weights back after the region, also when it raises."""
+    import contextlib
+
+    from ratiorl.policy import scoring
+
+    path = llama_dir if arch == "llama" else tiny_dir
+    build = (lambda **kw: lora_policy(path, **kw)) if lora else (lambda **kw: Policy.from_pretrained(path, **kw))
+    batch = grouped_batch(P=4, G=4, Tp=6, Tc=12, V=100, seed=5)
+    policy = away_from_reference(build(reference="auto", autocast_dtype=torch.bfloat16))
+    models = [policy.hf_model] + ([policy.ref_model] if policy.ref_model is not None else [])
+    before = {id(m): m._parameters.get("weight") for model in models for m in model.modules()}
+    kept, seen = stats_and_grads(policy, batch), []
+
+    real = scoring.frozen_matmul_weights
+
+    @contextlib.contextmanager
+    def watch(ms, dtype):
+        with real(ms, dtype):
+            seen.append({id(m): m._parameters.get("weight") for model in ms for m in model.modules()})
+            yield
+
+    monkeypatch.setattr(scoring, "frozen_matmul_weights", watch)
+    again = stats_and_grads(policy, batch)
+    stats_and_grads(policy, batch)
+    monkeypatch.setattr(scoring, "frozen_matmul_weights", lambda ms, dtype: contextlib.nullcontext())
+    plain = stats_and_grads(policy, batch)
+    for st, grads in (kept, again):
+        for name in ("logp", "entropy", "token_kl", "ref_logp"):
+            assert torch.equal(getattr(st, name), getattr(plain[0], name)), name
+        assert grads.keys() == plain[1].keys()
+        assert all(torch.equal(grads[n], plain[1][n]) for n in grads)
+    inside = seen[0]
+    changed = {k for k, w in inside.items() if w is not before[k]}
+    assert changed and all(inside[k].dtype == torch.bfloat16 and not inside[k].requires_grad for k in changed)
+    modules = {id(m): m for model in models for m in model.modules()}
+    heads = [model.get_output_embeddings() for model in models]
+    for k in changed:
+        assert scoring._is_matmul_layer(modules[k]) and all(modules[k] is not h for h in heads)
+        assert not before[k].requires_grad
+    frozen_matmuls = {k for k, m in modules.items() if scoring._is_matmul_layer(m) and all(m is not h for h in heads)
+                      and before[k] is not None and not before[k].requires_grad}
+    assert changed == frozen_matmuls
+    assert all(seen[1][k].data_ptr() == inside[k].data_ptr() for k in changed)  # the same kept cast
+    after = {id(m): m._parameters.get("weight") for model in models for m in model.modules()}
+    assert all(after[k] is before[k] for k in before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with real(models, torch.bfloat16):
+            raise RuntimeError("inside")
+    assert all(m._parameters.get("weight") is before[k] for k, m in modules.items())
+
+
 # ----------------------------------------------------------------------------- checkpointing
 
 
