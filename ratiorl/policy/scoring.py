@@ -39,7 +39,6 @@ from .forward import (
 )
 from .lean_head import _matmul_weight, lean_token_stats
 from .models import is_fsdp_managed
-from .models import is_fsdp_managed
 
 
 @dataclass
