@@ -38,6 +38,7 @@ from .forward import (
     prompt_groups,
 )
 from .lean_head import _matmul_weight, lean_token_stats
+from .lora import is_linear
 from .models import is_fsdp_managed
 
 
@@ -267,11 +268,6 @@ def autocast(policy):
         yield
 
 
-def _is_matmul_layer(module: nn.Module) -> bool:
-    """nn.Linear, and transformers' Conv1D (GPT-2's projections: ``addmm`` with a (in, out) weight)."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
 @contextlib.contextmanager
 def frozen_matmul_weights(models, dtype: torch.dtype):
     """While open, every matmul layer (nn.Linear, Conv1D) of ``models`` whose weight is frozen,
@@ -289,7 +285,7 @@ def frozen_matmul_weights(models, dtype: torch.dtype):
                 continue
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             for module in model.modules():
-                w = module._parameters.get("weight") if _is_matmul_layer(module) and module is not head else None
+                w = module._parameters.get("weight") if is_linear(module) and module is not head else None
                 if w is None or w.requires_grad or w.device.type != "cpu" or w.dtype == dtype \
                         or not w.is_floating_point():
                     continue

@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def check_sampling_options(*, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -135,8 +136,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     their cumulative sum pick the block, then the cumulative sum inside that block alone picks
     the entry. The same draw as one float64 cumulative sum over the whole row up to the order of
     the float64 additions; it reads the row once instead of writing and reading two float64
-    copies of it (measured here, 64 rows x 49,152 tokens: 5-33 ms a step for those copies in a
-    training process). An entry of probability 0 is never drawn."""
+    copies of it (measured here, 64 rows x 49,152 tokens, 2 threads: 1.5 ms a step against 2.2).
+    An entry of probability 0 is never drawn."""
     R, V = probs.shape
     B = INVERSE_CDF_BLOCK
     full = V // B * B
@@ -146,7 +147,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     block_cdf = torch.cat(sums, 1).cumsum(-1)  # (R, blocks)
     target = u * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (R, 1)
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    before = F.pad(block_cdf, (1, 0)).gather(1, block)  # the mass of the blocks before it
     cols = block * B + torch.arange(B, device=probs.device)  # (R, B): the block's entries
     inside = cols < V
     local = probs.gather(1, cols.clamp(max=V - 1)).double() * inside

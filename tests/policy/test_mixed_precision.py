@@ -138,6 +138,7 @@ def test_frozen_weights_keep_their_cast_and_give_the_same_numbers(tiny_dir, llam
     import contextlib
 
     from ratiorl.policy import scoring
+    from ratiorl.policy.lora import is_linear
 
     path = llama_dir if arch == "llama" else tiny_dir
     build = (lambda **kw: lora_policy(path, **kw)) if lora else (lambda **kw: Policy.from_pretrained(path, **kw))
@@ -171,9 +172,9 @@ def test_frozen_weights_keep_their_cast_and_give_the_same_numbers(tiny_dir, llam
     modules = {id(m): m for model in models for m in model.modules()}
     heads = [model.get_output_embeddings() for model in models]
     for k in changed:
-        assert scoring._is_matmul_layer(modules[k]) and all(modules[k] is not h for h in heads)
+        assert is_linear(modules[k]) and all(modules[k] is not h for h in heads)
         assert not before[k].requires_grad
-    frozen_matmuls = {k for k, m in modules.items() if scoring._is_matmul_layer(m) and all(m is not h for h in heads)
+    frozen_matmuls = {k for k, m in modules.items() if is_linear(m) and all(m is not h for h in heads)
                       and before[k] is not None and not before[k].requires_grad}
     assert changed == frozen_matmuls
     assert all(seen[1][k].data_ptr() == inside[k].data_ptr() for k in changed)  # the same kept cast
