@@ -29,6 +29,7 @@ the stop string.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -38,9 +39,27 @@ from ratiorl.policy import is_peft_model, position_ids_from_mask
 from ratiorl.policy.compat import cache_kwarg, cache_row_selector, output_cache
 
 from .batch import Rollout
+from . import native
 from .decoder import LeanDecoder, _base_model
 from .stops import StopStrings
 from .truncation import DRAWS, check_sampling_options, sample_tokens, truncated_logp
+
+
+ATTENTIONS = ("auto", "native", "torch")
+
+
+def attention_kernel(attention: str):
+    """The native decode-attention kernel for ``attention`` ("auto" | "native" | "torch"), or None
+    for torch's matmuls (see ``HFRolloutEngine``)."""
+    if attention == "torch":
+        return None
+    try:
+        return native.decode_attention()
+    except native.NativeUnavailable as e:
+        if attention == "native":
+            raise RuntimeError(f"attention='native': {e}") from e
+        warnings.warn(f"the lean decoder's attention runs on torch's matmuls: {e}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 @contextlib.contextmanager
@@ -132,15 +151,23 @@ class HFRolloutEngine:
     ``compact_finished`` (default True): drop finished rows from the batch and the KV cache once
     at least 1/``COMPACT_FRACTION`` of the rows still in it have finished (dynamic caches only;
     the samples are the same either way).
+
+    ``attention`` (the lean decoder's decode-step attention): ``"auto"`` the native kernel
+    (``ratiorl.rollout.native``, built on first use with the machine's C compiler) where it can be
+    built, else torch's matmuls, with a warning that says why; ``"native"`` the kernel or an error
+    that says why not; ``"torch"`` always torch's matmuls.
     """
 
     compact_finished = True
     COMPACT_FRACTION = 8
 
     def __init__(self, model: nn.Module, tokenizer, *, eos_token_id: int | list[int] | None = None,
-                 decoder: str = "auto", draw: str = "auto"):
+                 decoder: str = "auto", draw: str = "auto", attention: str = "auto"):
         if decoder not in ("auto", "hf"):
             raise ValueError(f"decoder must be 'auto' (the lean decoder where supported) or 'hf', got {decoder!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        self.attention = attention
         if draw not in DRAWS:
             raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
         self.draw = draw  # how a token is drawn from its distribution (``truncation.draw_from``)
@@ -231,7 +258,9 @@ class HFRolloutEngine:
         """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (preallocated block KV cache,
         ``ratiorl.rollout.decoder``) when ``decoder="auto"`` and the model has a layout, else None
         (transformers' forward)."""
-        return LeanDecoder.for_model(self.model) if self.decoder == "auto" else None
+        if self.decoder != "auto":
+            return None
+        return LeanDecoder.for_model(self.model, attention=attention_kernel(self.attention))
 
     @staticmethod
     def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None, expand: bool = True):

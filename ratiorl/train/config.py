@@ -95,6 +95,8 @@ def validate(cfg: TrainConfig) -> None:
          f"rollout.dtype must be null (the policy's), float32, bfloat16 or float16, got {cfg.rollout.dtype!r}")
     need(cfg.rollout.draw in ("auto", "multinomial", "inverse_cdf"),
          f"rollout.draw must be auto, multinomial or inverse_cdf, got {cfg.rollout.draw!r}")
+    need(cfg.rollout.attention in ("auto", "native", "torch"),
+         f"rollout.attention must be auto (the native kernel where it builds), native or torch, got {cfg.rollout.attention!r}")
     need(cfg.rollout.decoder in ("auto", "hf"),
          f"rollout.decoder must be auto (the lean decoder when the architecture has one) or hf, got {cfg.rollout.decoder!r}")
     need(cfg.train.steps >= 0, "train.steps must be >= 0")

@@ -55,6 +55,9 @@ class RolloutConfig:
     # how a token is drawn: auto (torch.multinomial's exponential race below 8192 tokens, inverse CDF
     # from there on) | multinomial | inverse_cdf (one uniform per row: much faster for large vocabularies)
     draw: str = "auto"
+    # the lean decoder's decode-step attention: auto (the native kernel, built on first use with the
+    # machine's C compiler, where it builds; else torch, with a warning) | native (or an error) | torch
+    attention: str = "auto"
 
 
 @dataclass

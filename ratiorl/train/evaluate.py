@@ -170,7 +170,8 @@ def evaluate_run(model: str, config_path: str | None = None, overrides: list | N
         policy = build_policy(cfg, model_path, needs_reference=False)
         task = render_task(task, policy.tokenizer, cfg.task)
         scorer = build_scorer(cfg, task)
-        engine = HFRolloutEngine(policy.model, policy.tokenizer, decoder=cfg.rollout.decoder, draw=cfg.rollout.draw)
+        engine = HFRolloutEngine(policy.model, policy.tokenizer, decoder=cfg.rollout.decoder, draw=cfg.rollout.draw,
+                                attention=cfg.rollout.attention)
         e = cfg.eval
         temp = cfg.rollout.temperature if e.temperature is None else e.temperature
         examples = task.eval[: e.num_prompts]

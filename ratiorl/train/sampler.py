@@ -103,7 +103,8 @@ class LaggingSampler:
         if self.separate:
             sampler = copy.deepcopy(model).requires_grad_(False).to(dtype)
             use_cpu_attention(getattr(sampler, "get_base_model", lambda: sampler)())  # its prefill
-            self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder, draw=r.draw)
+            self.engine = engine_cls(sampler, tokenizer, decoder=r.decoder, draw=r.draw,
+                                     attention=r.attention)
         else:
             self.engine = shared_engine
         self.version = 0  # the policy version whose weights the sampler holds

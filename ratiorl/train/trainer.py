@@ -100,7 +100,7 @@ class Trainer:
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
         self.task = render_task(self.task, self.tokenizer, cfg.task)  # chat template, system prompt
         self.eval_engine = HFRolloutEngine(self.model, self.tokenizer, decoder=cfg.rollout.decoder,
-                                           draw=cfg.rollout.draw)
+                                           draw=cfg.rollout.draw, attention=cfg.rollout.attention)
         # the sampler (mu): the policy's own model, or a copy in rollout.dtype lagging by policy_lag updates
         sharded = cfg.train.parallel == "fsdp" and self.dist.enabled
         self.sampler = LaggingSampler(self.model, self.tokenizer, cfg.rollout, self.eval_engine,

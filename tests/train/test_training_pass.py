@@ -25,10 +25,21 @@ def test_config_keys_reach_the_policy(make_config, tiny_model_dir):
     assert policy.hf_model.is_activation_checkpointing
 
 
+def test_rollout_attention_reaches_every_engine(make_config):
+    trainer = Trainer(make_config(**{"rollout.attention": "torch", "rollout.dtype": "bfloat16"}))
+    try:
+        assert trainer.engine is not trainer.eval_engine  # the bf16 sampler has an engine of its own
+        assert trainer.engine.attention == trainer.eval_engine.attention == "torch"
+        assert trainer.engine.lean_decoder().attention is None
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("train.autocast", "float16", "train.autocast must be null"),
     ("train.length_buckets", 0, "train.length_buckets must be >= 1"),
     ("rollout.decoder", "vllm", "rollout.decoder must be auto"),
+    ("rollout.attention", "flash", "rollout.attention must be auto"),
 ])
 def test_bad_values_are_named(tiny_model_dir, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
