@@ -19,12 +19,13 @@ What it computes, per layer, for the new token of every row (x: (R, E) hidden st
     attn(q, k, v) = softmax(q K^T / sqrt(d) + mask) V   over the cache columns written so far,
                     each query head h reading key/value head h // (heads / kv_heads) (GQA)
 
-then the final norm and the output head (tied to the input embedding or not). The keys and
-values of the cache and the attention itself are float32 whatever the weights' dtype (bf16
-attention is slower on CPU and rounds the softmax); the matmuls with the weights run in the
-weights' dtype, as transformers' forward does.
+then the final norm and the output head (tied to the input embedding or not). The attention's
+arithmetic is float32 whatever the weights' dtype (bf16 attention is slower on CPU and rounds the
+softmax), and so is the cache, except that with the native kernel a bf16 model's cache is bf16
+(its keys and values come out of bf16 matmuls; the kernel widens them as it reads, half the
+bytes); the matmuls with the weights run in the weights' dtype, as transformers' forward does.
 
-The cache has two float32 parts, each (layers, rows, kv heads, columns, head dim), in the order of
+The cache has two parts, each (layers, rows, kv heads, columns, head dim), in the order of
 ``cat(left-padded prompt, completion)``: a sealed part, contiguous for each layer, and an open block
 that the next completion tokens are written into (``OPEN_COLUMNS`` = 16 columns, or a sixteenth of
 the sealed ones when that is more); when the open block is full it is appended to the sealed part
@@ -297,6 +298,7 @@ class LeanDecoder:
     # module docstring
     OPEN_COLUMNS = 16
     OPEN_FRACTION = 16
+    BF16_CACHE = True  # a bf16 model's cache in bf16 when the native kernel reads it (else float32)
 
     def __init__(self, model, layout_cls, attention=None):
         self.model, self.layout_cls = model, layout_cls
@@ -346,8 +348,13 @@ class LeanDecoder:
         dev = prompt_mask.device
         self.columns = Tp + max_new_tokens  # all the cache will hold
         empty = (lay.L, R, lay.kv_heads, 0, lay.head_dim)
-        self.K = torch.empty(empty, dtype=torch.float32, device=dev)  # the sealed part: none yet
-        self.V = torch.empty(empty, dtype=torch.float32, device=dev)
+        # a bf16 model's keys and values are bf16 matmul outputs (Llama's keys: rotated in float32 and
+        # rounded, as transformers' bf16 forward rounds them): the native kernel reads them as bf16,
+        # half the bytes; torch's matmuls read float32 (its bf16 batched matmuls are slower on CPU)
+        bf16_cache = self.BF16_CACHE and self.attention is not None and lay.dtype == torch.bfloat16
+        cache_dtype = torch.bfloat16 if bf16_cache else torch.float32
+        self.K = torch.empty(empty, dtype=cache_dtype, device=dev)  # the sealed part: none yet
+        self.V = torch.empty(empty, dtype=cache_dtype, device=dev)
         self._open_block(extra=Tp)  # the first open block holds the prompt's columns too
         for i in range(lay.L):
             k, v = _layer_kv(cache, i)
@@ -366,8 +373,8 @@ class LeanDecoder:
         sealed = self.K.shape[3]
         size = min(self.columns - sealed, extra + max(self.OPEN_COLUMNS, sealed // self.OPEN_FRACTION))
         shape = self.K.shape[:3] + (size,) + self.K.shape[4:]
-        self.K_open = torch.empty(shape, dtype=torch.float32, device=self.K.device)
-        self.V_open = torch.empty(shape, dtype=torch.float32, device=self.K.device)
+        self.K_open = torch.empty(shape, dtype=self.K.dtype, device=self.K.device)
+        self.V_open = torch.empty(shape, dtype=self.K.dtype, device=self.K.device)
         self.open = 0  # columns written in the open block
 
     def _seal(self) -> None:
@@ -392,7 +399,7 @@ class LeanDecoder:
         mask = self.mask[:, None, None, :n]  # (R, 1, 1, n)
         for i in range(lay.L):
             q, k, v = lay.qkv(i, x, pos)
-            self.K_open[i, :, :, c].copy_(k.view(R, lay.kv_heads, lay.head_dim))  # (cast to float32 on the way)
+            self.K_open[i, :, :, c].copy_(k.view(R, lay.kv_heads, lay.head_dim))  # (cast to the cache's dtype)
             self.V_open[i, :, :, c].copy_(v.view(R, lay.kv_heads, lay.head_dim))
             if self.attention is not None:  # one pass over the cache: ratiorl.rollout.native
                 q = q.float().reshape(R, lay.kv_heads, group, lay.head_dim).contiguous()

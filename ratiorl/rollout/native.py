@@ -120,12 +120,16 @@ class DecodeAttention:
 
     def __init__(self, path: Path):
         self.path = path
-        fn = ctypes.CDLL(str(path)).ratiorl_decode_attention
+        lib = ctypes.CDLL(str(path))
         ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        fn.argtypes = [ptr, ptr, ptr, long_, long_, int_, ptr, ptr, long_, long_, int_, ptr, long_, ptr,
-                       int_, int_, int_, int_, ctypes.c_float]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._fns = {}  # the cache's dtype -> its entry point
+        for dtype, name in ((torch.float32, "ratiorl_decode_attention"),
+                            (torch.bfloat16, "ratiorl_decode_attention_bf16")):
+            fn = getattr(lib, name)
+            fn.argtypes = [ptr, ptr, ptr, long_, long_, int_, ptr, ptr, long_, long_, int_, ptr, long_, ptr,
+                           int_, int_, int_, int_, ctypes.c_float]
+            fn.restype = ctypes.c_int
+            self._fns[dtype] = fn
 
     @staticmethod
     def supports(head_dim: int) -> bool:
@@ -134,9 +138,10 @@ class DecodeAttention:
     def __call__(self, q: torch.Tensor, parts, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(scale * q K^T + mask) V over the columns of ``parts``, in order.
 
-        q: (R, KV, G, D) float32; ``parts``: one or two (K, V) pairs, each (R, KV, n, D) float32 with
-        contiguous rows of D (any row and head strides: slices of a larger cache are fine); mask:
-        (R, >= n total) float32 with unit column stride. Returns (R, KV, G, D) float32.
+        q: (R, KV, G, D) float32; ``parts``: one or two (K, V) pairs, each (R, KV, n, D) with
+        contiguous rows of D (any row and head strides: slices of a larger cache are fine), all
+        float32 or all bfloat16 (widened to float32 as they are read); mask: (R, >= n total)
+        float32 with unit column stride. Returns (R, KV, G, D) float32.
         """
         R, KV, G, D = q.shape
         parts = list(parts)
@@ -144,11 +149,12 @@ class DecodeAttention:
             raise ValueError(f"native decode attention takes one or two cache parts, got {len(parts)}")
         q = q.contiguous()
         args = []
+        cache_dtype = parts[0][0].dtype
         for K, V in parts + [parts[0]] * (2 - len(parts)):
             for name, t in (("keys", K), ("values", V)):
-                if t.dtype != torch.float32 or t.device.type != "cpu":
-                    raise ValueError(f"native decode attention: {name} must be float32 on the CPU, got {t.dtype} "
-                                     f"on {t.device}")
+                if t.dtype not in self._fns or t.dtype != cache_dtype or t.device.type != "cpu":
+                    raise ValueError(f"native decode attention: {name} must be float32 or bfloat16 (all parts "
+                                     f"alike) on the CPU, got {t.dtype} on {t.device} (first part: {cache_dtype})")
                 if t.shape[0] != R or t.shape[1] != KV or t.shape[3] != D or t.stride(3) != 1 or t.stride(2) != D:
                     raise ValueError(f"native decode attention: {name} of shape {tuple(t.shape)}, strides "
                                      f"{t.stride()} do not match q {tuple(q.shape)} (need rows of D contiguous)")
@@ -168,7 +174,7 @@ class DecodeAttention:
         decoder, at every decode step): q contiguous, parts and mask as ``__call__`` requires, the
         first ``n1`` columns of part 1 then the first ``n2`` of part 2."""
         out = torch.empty_like(q)
-        rc = self._fn(q.data_ptr(), K1.data_ptr(), V1.data_ptr(), K1.stride(0), K1.stride(1), n1,
+        rc = self._fns[K1.dtype](q.data_ptr(), K1.data_ptr(), V1.data_ptr(), K1.stride(0), K1.stride(1), n1,
                       K2.data_ptr(), V2.data_ptr(), K2.stride(0), K2.stride(1), n2,
                       mask.data_ptr(), mask.stride(0), out.data_ptr(), *q.shape, float(scale))
         if rc != 0:
@@ -194,10 +200,13 @@ def _self_check(kernel: DecodeAttention) -> None:
              (torch.randn(R, KV, n2, D, generator=g), torch.randn(R, KV, n2, D, generator=g))]
     mask = torch.zeros(R, n1 + n2 + 2)
     mask[0, 1] = float("-inf")
-    got, want = kernel(q, parts, mask, 0.125), reference_attention(q, parts, mask, 0.125)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise NativeUnavailable(f"the built kernel {kernel.path} does not match torch (max difference "
-                                f"{(got - want).abs().max().item():.3g}); not used")
+    for dtype in (torch.float32, torch.bfloat16):
+        typed = [(k.to(dtype), v.to(dtype)) for k, v in parts]
+        got = kernel(q, typed, mask, 0.125)
+        want = reference_attention(q, [(k.float(), v.float()) for k, v in typed], mask, 0.125)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            raise NativeUnavailable(f"the built kernel {kernel.path} does not match torch for {dtype} keys and "
+                                    f"values (max difference {(got - want).abs().max().item():.3g}); not used")
 
 
 @functools.lru_cache(maxsize=None)

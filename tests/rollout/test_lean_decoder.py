@@ -169,14 +169,16 @@ def test_finished_rows_leave_the_static_cache(attention, open_columns, open_frac
     assert seen[-1][0] < len(PROMPTS) * 8
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("packed", [False, True])
-def test_bfloat16_sampler_records_what_it_sampled_from(packed, monkeypatch):
+def test_bfloat16_sampler_records_what_it_sampled_from(packed, attention, monkeypatch):
     """A bf16 copy samples with the lean decoder; its recorded log-probs are its own (close to the
     float32 policy's, not equal), and equal to transformers' bf16 forward up to bf16 rounding."""
+    needs(attention)
     monkeypatch.setattr(decoder, "PACK_MIN_WORK", 0 if packed else 10**9)
     model, tok = MODELS["llama"]()
     policy = Policy(model, tok, reference="none")
-    bf16 = HFRolloutEngine(MODELS["llama"]()[0].to(torch.bfloat16), tok)
+    bf16 = HFRolloutEngine(MODELS["llama"]()[0].to(torch.bfloat16), tok, attention=attention)
     r = bf16.generate(PROMPTS, 3, max_new_tokens=12, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fp32 = policy.completion_stats(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask).logp
@@ -184,6 +186,37 @@ def test_bfloat16_sampler_records_what_it_sampled_from(packed, monkeypatch):
     gap = (r.behaviour_logp - fp32)[m].abs()
     assert 0 < gap.mean() < 0.03 and gap.max() < 0.3  # a real, small sampler/trainer mismatch
     assert r.behaviour_logp.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["gpt2-head64", "llama"])
+def test_native_kernel_reads_a_bf16_models_cache_in_bf16(name, monkeypatch):
+    """With a bf16 model the native kernel's cache is bf16. GPT-2's keys and values are bf16 matmul
+    outputs, so the bf16 cache holds exactly what a float32 one would: the same samples and the same
+    log-probs to the bit. Llama's keys are rotated in float32 and rounded: log-probs that move less,
+    on average, than the bf16 sampler's own distance from the float32 policy."""
+    needs("native")
+    model = MODELS[name]()[0].to(torch.bfloat16)
+    tok = MODELS[name]()[1]
+    engine = HFRolloutEngine(model, tok, attention="native")
+    dtypes, start = [], LeanDecoder.start
+    monkeypatch.setattr(LeanDecoder, "start", lambda self, *a: (start(self, *a), dtypes.append(self.K_open.dtype)))
+    kw = dict(max_new_tokens=20, temperature=1.0)
+    a = engine.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(3), **kw)
+    monkeypatch.setattr(LeanDecoder, "BF16_CACHE", False)
+    b = engine.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(3), **kw)
+    assert dtypes == [torch.bfloat16, torch.float32]
+    if name == "gpt2-head64":
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.behaviour_logp, b.behaviour_logp)
+    else:
+        same = (a.completion_ids == b.completion_ids).all(1)
+        assert same.float().mean() > 0.5  # most completions are the same tokens
+        m = a.completion_mask[same].bool()
+        cache_gap = (a.behaviour_logp[same] - b.behaviour_logp[same])[m].abs()
+        policy = Policy(MODELS[name]()[0], tok, reference="none")
+        with torch.no_grad():
+            fp32 = policy.completion_stats(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask).logp
+        bf16_gap = (b.behaviour_logp - fp32)[b.completion_mask.bool()].abs()
+        assert 0 < cache_gap.mean() < bf16_gap.mean()
 
 
 def test_unsupported_models_keep_transformers_forward():

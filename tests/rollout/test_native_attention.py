@@ -52,10 +52,14 @@ def cache_part(R, KV, n, D, gen, spare=0):
     (2, 1, 1, 256, 4, 4),     # a large head
     (1, 1, 1, 300, 3, 1),
 ])
-def test_matches_float64(kernel, R, KV, G, D, n1, n2):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64(kernel, R, KV, G, D, n1, n2, cache_dtype):
+    """bfloat16 keys and values: the float64 computation over the same (widened) values."""
     gen = torch.Generator().manual_seed(R * 1000 + D + n1)
     q = torch.randn(R, KV, G, D, generator=gen) * 2
     parts = [cache_part(R, KV, n1, D, gen, spare=3), cache_part(R, KV, n2, D, gen, spare=1)]
+    if cache_dtype != torch.float32:
+        parts = [(k.to(cache_dtype), v.to(cache_dtype)) for k, v in parts]
     mask = torch.zeros(R, n1 + n2 + 5)
     mask[0, 0] = float("-inf")  # a padding column (the row keeps others)
     if R > 1 and n1 + n2 > 2:
@@ -66,7 +70,8 @@ def test_matches_float64(kernel, R, KV, G, D, n1, n2):
     assert got.dtype == torch.float32 and got.shape == q.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     # the torch computation the lean decoder's other path does, to the same tolerance
-    torch.testing.assert_close(native.reference_attention(q, parts, mask, scale).double(), want, rtol=1e-5, atol=1e-5)
+    widened = [(k.float(), v.float()) for k, v in parts]
+    torch.testing.assert_close(native.reference_attention(q, widened, mask, scale).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_one_part_equals_the_same_columns_split_in_two(kernel):
@@ -83,8 +88,10 @@ def test_bad_input_is_named(kernel):
     q = torch.randn(2, 1, 1, 64)
     K, V = torch.randn(2, 1, 5, 64), torch.randn(2, 1, 5, 64)
     mask = torch.zeros(2, 5)
-    with pytest.raises(ValueError, match="float32"):
-        kernel(q, [(K.double(), V)], mask, 1.0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernel(q, [(K.double(), V.double())], mask, 1.0)
+    with pytest.raises(ValueError, match="all parts alike"):
+        kernel(q, [(K, V), (K.bfloat16(), V.bfloat16())], mask, 1.0)
     with pytest.raises(ValueError, match="rows of D contiguous"):
         kernel(q, [(K.transpose(2, 3), V)], mask, 1.0)
     with pytest.raises(ValueError, match="do not match q"):
