@@ -674,6 +674,24 @@ class RatiorlSide:
     def peak_rss_mib(self) -> float:
         return peak_rss_mib()
 
+    def sampler_description(self) -> str:
+        """Which forward samples, and whose attention (the native kernel, or torch's and why)."""
+        from ratiorl.rollout import native
+
+        engine = self.trainer.engine
+        dec = engine.lean_decoder()
+        if dec is None:
+            return "transformers' forward (no lean layout for this model)"
+        if dec.attention is not None:
+            return f"lean decoder, native attention kernel ({dec.attention.path})"
+        reason = "rollout.attention=torch"
+        if engine.attention != "torch":
+            try:
+                native.decode_attention()
+            except native.NativeUnavailable as e:
+                reason = str(e)
+        return f"lean decoder, torch's attention ({reason})"
+
     def skipped_bf16(self):
         return any(k in self.skipped for k in ("rollout.dtype", "train.autocast"))
 
@@ -841,6 +859,7 @@ def main(argv=None):
         if args.only in ("both", "ratiorl"):
             side = RatiorlSide(setup, args, os.path.join(tmp.name, "ratiorl"))
             print(f"  ratiorl config {' '.join(side.overrides)}")
+            print(f"  ratiorl decode {side.sampler_description()}")
             if side.skipped:
                 print(f"  (keys not in ratiorl's TrainConfig, skipped: {', '.join(side.skipped)})")
             sides.append(side)
