@@ -99,6 +99,10 @@ def build(cc: str, out_dir: Path) -> Path:
                                     platform.machine()]).encode()).hexdigest()[:20]
     lib = out_dir / f"decode_attention-{key}.so"
     if lib.exists():
+        st = lib.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:  # code this process would run: only its user's
+            raise NativeUnavailable(f"{lib} is not owned by this user or is writable by others; not loaded "
+                                    f"(delete it, or set RATIORL_CACHE_DIR to a directory of your own)")
         return lib
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)

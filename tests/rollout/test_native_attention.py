@@ -110,6 +110,9 @@ def test_a_build_is_kept_and_reused(tmp_path):
     stamp = lib.stat().st_mtime_ns
     assert native.build(cc, tmp_path) == lib and lib.stat().st_mtime_ns == stamp  # found, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary file left behind
+    lib.chmod(0o777)  # a library others could have replaced is not loaded
+    with pytest.raises(native.NativeUnavailable, match="writable by others"):
+        native.build(cc, tmp_path)
 
 
 def test_unavailable_kernel_falls_back_or_errors_with_the_reason(tmp_path, monkeypatch):
