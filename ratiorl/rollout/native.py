@@ -5,15 +5,17 @@ torch it is two batched matmuls of one query row per head with a softmax between
 hundreds of tiny matmuls, each with its fixed cost); measured at the realistic benchmark shape
 (64 rows x 6 heads x 6 layers x 64 steps, 2 threads) it took about 250 ms of a 930 ms ``generate``
 call. ``decode_attention.c`` (next to this file) does one pass per query head over its keys and
-values (scores, softmax, weighted sum) on torch's own OpenMP threads. No well-kept library offers this for
-CPU PyTorch: ``scaled_dot_product_attention``'s CPU kernel is slower than the matmuls for one
+values (scores, softmax, weighted sum) on torch's own OpenMP threads. No well-kept library
+offers this for CPU PyTorch: ``scaled_dot_product_attention``'s CPU kernel is slower than the matmuls for one
 query, and ``torch.compile`` of the same function was no faster (docs/performance.md).
 
 The kernel computes, for each row r and query head h (key/value head h // G):
 
     o_rh = softmax(scale * q_rh K_r^T + mask_r) V_r       over the cache columns given
 
-in float32, as the torch path does; only the order of the additions differs.
+in float32 arithmetic, as the torch path does (only the order of the additions differs), over a
+float32 cache or a bf16 one (a bf16 sampler's keys and values, widened exactly as they are read:
+half the bytes of a float32 cache holding the same values).
 
 Build: ``cc -O3 -march=native -fopenmp -shared -fPIC`` (``$CC``, else ``gcc``, else ``cc``) into
 ``$RATIORL_CACHE_DIR/kernels`` (default ``$XDG_CACHE_HOME/ratiorl`` or ``~/.cache/ratiorl``) under
@@ -112,6 +114,7 @@ def build(cc: str, out_dir: Path) -> Path:
                               timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise NativeUnavailable(f"building {SOURCE.name} with {cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # whatever the umask: the check above must accept it next time
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
