@@ -145,15 +145,11 @@ class GPT2Layout:
             return f"activation {cfg.activation_function!r}"
         return None
 
-    @staticmethod
-    def head_dim_of(cfg) -> int:
-        return cfg.n_embd // cfg.n_head
-
     def __init__(self, model, cfg, pack_rows: int = 0):
         sd = _weights(model)
         self.L, self.heads, self.kv_heads = cfg.n_layer, cfg.n_head, cfg.n_head
         self.E = cfg.n_embd
-        self.head_dim = self.head_dim_of(cfg)
+        self.head_dim = self.E // self.heads
         self.eps, self.act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function]
         p = "transformer."
         self.wte, self.wpe = sd[p + "wte.weight"], sd[p + "wpe.weight"]
@@ -222,17 +218,13 @@ class LlamaLayout:
             return "layers other than full attention"
         return None
 
-    @staticmethod
-    def head_dim_of(cfg) -> int:
-        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
     def __init__(self, model, cfg, pack_rows: int = 0):
         sd = _weights(model)
         base = _base_model(model)
         self.rotary = base.model.rotary_emb  # the model's own cos / sin (any RoPE scaling it has)
         self.L, self.heads = cfg.num_hidden_layers, cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = self.head_dim_of(cfg)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps, self.act = cfg.rms_norm_eps, ACTIVATIONS[getattr(cfg, "hidden_act", "silu")]
         self.embed_tokens = sd["model.embed_tokens.weight"]
         self.head = Linear(sd.get("lm_head.weight", self.embed_tokens), None, pack_rows)
@@ -330,15 +322,11 @@ class LeanDecoder:
     @classmethod
     def for_model(cls, model, attention=None) -> "LeanDecoder | None":
         """A decoder for ``model`` (a transformers causal LM or its PEFT wrapper), or None.
-        ``attention``: the native decode-attention kernel to use where it supports the model's head
-        dimension (``ratiorl.rollout.native``), or None (torch's matmuls)."""
+        ``attention``: the native decode-attention kernel (``ratiorl.rollout.native``), or None
+        (torch's matmuls)."""
         if cls.unsupported_reason(model) is not None:
             return None
-        cfg = _base_model(model).config
-        layout = ARCHITECTURES[cfg.model_type]
-        if attention is not None and not attention.supports(layout.head_dim_of(cfg)):
-            attention = None
-        return cls(model, layout, attention)
+        return cls(model, ARCHITECTURES[_base_model(model).config.model_type], attention)
 
     @torch.no_grad()
     def start(self, cache, rows: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,

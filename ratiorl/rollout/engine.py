@@ -38,12 +38,11 @@ from torch import nn
 from ratiorl.policy import is_peft_model, position_ids_from_mask
 from ratiorl.policy.compat import cache_kwarg, cache_row_selector, output_cache
 
-from .batch import Rollout
 from . import native
+from .batch import Rollout
 from .decoder import LeanDecoder, _base_model
 from .stops import StopStrings
 from .truncation import DRAWS, check_sampling_options, sample_tokens, truncated_logp
-
 
 ATTENTIONS = ("auto", "native", "torch")
 

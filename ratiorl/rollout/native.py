@@ -96,7 +96,7 @@ def _unsupported_platform() -> str | None:
 
 def build(cc: str, out_dir: Path) -> Path:
     """Compile the kernel with ``cc`` into ``out_dir`` (or find it there); returns the library's path."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity(),
                                     platform.machine()]).encode()).hexdigest()[:20]
     lib = out_dir / f"decode_attention-{key}.so"
@@ -111,7 +111,7 @@ def build(cc: str, out_dir: Path) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
+                              timeout=BUILD_TIMEOUT_S, check=False)
         if proc.returncode != 0:
             raise NativeUnavailable(f"building {SOURCE.name} with {cc} failed: {proc.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)  # whatever the umask: the check above must accept it next time
@@ -138,10 +138,6 @@ class DecodeAttention:
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
 
-    @staticmethod
-    def supports(head_dim: int) -> bool:
-        return head_dim > 0
-
     def __call__(self, q: torch.Tensor, parts, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(scale * q K^T + mask) V over the columns of ``parts``, in order.
 
@@ -150,7 +146,7 @@ class DecodeAttention:
         float32 or all bfloat16 (widened to float32 as they are read); mask: (R, >= n total)
         float32 with unit column stride. Returns (R, KV, G, D) float32.
         """
-        R, KV, G, D = q.shape
+        R, KV, _, D = q.shape
         parts = list(parts)
         if not 1 <= len(parts) <= 2:
             raise ValueError(f"native decode attention takes one or two cache parts, got {len(parts)}")
@@ -216,7 +212,7 @@ def _self_check(kernel: DecodeAttention) -> None:
                                     f"values (max difference {(got - want).abs().max().item():.3g}); not used")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(cc: str | None, out_dir: str) -> DecodeAttention | NativeUnavailable:
     reason = _unsupported_platform()
     if reason is not None:

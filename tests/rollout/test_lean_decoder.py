@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from ratiorl.policy import Policy, make_char_tokenizer, make_tiny_model
-from ratiorl.rollout import HFRolloutEngine
-from ratiorl.rollout import decoder, native
+from ratiorl.rollout import HFRolloutEngine, decoder, native
 from ratiorl.rollout.decoder import ARCHITECTURES, LeanDecoder
 from tests.policy.helpers import perturb_
 
