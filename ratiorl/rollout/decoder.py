@@ -292,11 +292,12 @@ class LeanDecoder:
     OPEN_FRACTION = 16
     BF16_CACHE = True  # a bf16 model's cache in bf16 when the native kernel reads it (else float32)
 
-    def __init__(self, model, layout_cls, attention=None):
+    def __init__(self, model, layout_cls):
         self.model, self.layout_cls = model, layout_cls
         self.layout = None
-        # the native kernel (``ratiorl.rollout.native.DecodeAttention``) or None: torch's matmuls
-        self.attention = attention
+        # the native kernel (``ratiorl.rollout.native.DecodeAttention``, set by the engine) or None:
+        # torch's matmuls
+        self.attention = None
 
     def current_layout(self, pack_rows: int = 0):
         """The layout over the model's weights as they are now (prepacked for ``pack_rows``-row
@@ -320,13 +321,11 @@ class LeanDecoder:
         return layout.unsupported(cfg)
 
     @classmethod
-    def for_model(cls, model, attention=None) -> "LeanDecoder | None":
-        """A decoder for ``model`` (a transformers causal LM or its PEFT wrapper), or None.
-        ``attention``: the native decode-attention kernel (``ratiorl.rollout.native``), or None
-        (torch's matmuls)."""
+    def for_model(cls, model) -> "LeanDecoder | None":
+        """A decoder for ``model`` (a transformers causal LM or its PEFT wrapper), or None."""
         if cls.unsupported_reason(model) is not None:
             return None
-        return cls(model, ARCHITECTURES[_base_model(model).config.model_type], attention)
+        return cls(model, ARCHITECTURES[_base_model(model).config.model_type])
 
     @torch.no_grad()
     def start(self, cache, rows: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,

@@ -257,9 +257,10 @@ class HFRolloutEngine:
         """The decoder ``generate`` uses for its decode steps: a ``LeanDecoder`` (preallocated block KV cache,
         ``ratiorl.rollout.decoder``) when ``decoder="auto"`` and the model has a layout, else None
         (transformers' forward)."""
-        if self.decoder != "auto":
-            return None
-        return LeanDecoder.for_model(self.model, attention=attention_kernel(self.attention))
+        dec = LeanDecoder.for_model(self.model) if self.decoder == "auto" else None
+        if dec is not None:  # (the kernel is looked for only when a lean decoder will use it)
+            dec.attention = attention_kernel(self.attention)
+        return dec
 
     @staticmethod
     def _prefill(model, ids, mask, G: int, rows: torch.Tensor | None = None, expand: bool = True):
