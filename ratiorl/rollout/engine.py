@@ -172,6 +172,14 @@ def lora_merged_weight(layer, adapter: str, weight: torch.Tensor) -> torch.Tenso
     return torch.addmm(weight, b.weight, a.weight, alpha=scaling)
 
 
+def _check_sync_keys(missing: list, unexpected: list) -> None:
+    """Raise naming the keys a weight sync could not match (an output head tied to the input
+    embedding may be missing from a state dict)."""
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"weight sync failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def _unchanged(src: torch.Tensor, recorded, own) -> bool:
     """True when ``src`` is the tensor recorded at the last sync (same storage, place and version)
     and the sampler's copy ``own`` was not written since."""
@@ -227,6 +235,7 @@ class HFRolloutEngine:
         self.eos_token_ids = sorted(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+        self._synced: dict = {}  # key -> (source tensor, its version, the sampler's version) at the last sync
 
     @property
     def device(self) -> torch.device:
@@ -251,15 +260,12 @@ class HFRolloutEngine:
         frozen, trainable = set(), set()
         for t in (*src.parameters(), *src.buffers()):
             (trainable if t.requires_grad else frozen).add(t.untyped_storage().data_ptr())
-        record = getattr(self, "_synced", {})
+        frozen -= trainable
         own = self.model.state_dict(keep_vars=True)
-        missing = [k for k in own if k not in state and not k.endswith("lm_head.weight")]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            raise ValueError(f"weight sync failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _check_sync_keys([k for k in own if k not in state], [k for k in state if k not in own])
         with torch.no_grad():
             for k, v in state.items():
-                if _unchanged(v, record.get(k), own[k]):
+                if _unchanged(v, self._synced.get(k), own[k]):
                     continue
                 if own[k].shape != v.shape:
                     raise ValueError(f"weight sync failed: {k} is {tuple(v.shape)} in the policy, "
@@ -268,7 +274,7 @@ class HFRolloutEngine:
         # what a later call may skip: the model's own frozen tensors (an alias keeps each storage
         # alive, so its address cannot be reused by another tensor while it is recorded)
         self._synced = {k: (v, v._version, own[k]._version) for k, v in state.items()
-                        if v.untyped_storage().data_ptr() in frozen - trainable}
+                        if v.untyped_storage().data_ptr() in frozen}
 
     def _source_state(self, src: nn.Module) -> dict:
         if is_peft_model(self.model):
@@ -289,9 +295,7 @@ class HFRolloutEngine:
         """Load a state dict (from ``snapshot``, or a checkpoint) into the sampler."""
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the input embedding
-        if missing or unexpected:
-            raise ValueError(f"weight sync failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _check_sync_keys(missing, unexpected)
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ def cache_part(R, KV, n, D, gen, spare=0):
 @pytest.mark.parametrize("R, KV, G, D, n1, n2", [
     (3, 2, 1, 64, 9, 0),      # one part, GPT-2's head size
     (2, 1, 3, 64, 7, 5),      # grouped query heads (3 per key/value head), two parts
-    (2, 2, 2, 128, 1, 6),     # the other unrolled head size
+    (2, 2, 2, 128, 1, 6),     # Qwen2's head size
     (4, 3, 1, 8, 13, 2),      # a head size under one vector
     (1, 1, 2, 80, 0, 11),     # not a multiple of 16; an empty first part
     (2, 1, 1, 256, 4, 4),     # a large head

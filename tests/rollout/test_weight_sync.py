@@ -4,22 +4,20 @@ only when they changed, and the sampler ends equal to the policy after every kin
 
 import copy
 
-import peft
 import pytest
 import torch
 from torch import nn
 
 from ratiorl.rollout import HFRolloutEngine, merged_state_dict
 from ratiorl.rollout.engine import lora_merged_weight
-from tests.rollout.test_lean_decoder import tiny_gpt2, tiny_llama
+from tests.rollout.test_lean_decoder import tiny_gpt2, tiny_llama, with_lora
 
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}
 
 
 def lora_model(kind, dtype=torch.float32, adapter_dtype=None, seed=0):
     model, tok = tiny_gpt2() if kind == "gpt2" else tiny_llama("llama")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind],
-                                                       fan_in_fan_out=kind == "gpt2", init_lora_weights=False))
+    model = with_lora(model, TARGETS[kind])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
